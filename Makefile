@@ -1,0 +1,39 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set themselves up.
+BUILD      ?= build
+BUILD_SAN  ?= build-sanitize
+PYTHON     ?= python3
+JOBS       ?= $(shell nproc)
+CMAKE_ARGS ?=
+
+.PHONY: all deps build test test-cpp test-sanitize test-python python demo bench clean
+
+all: build
+
+deps:
+	scripts/install-deps
+
+build: deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
+	cmake --build $(BUILD) -j $(JOBS)
+
+test-cpp: build
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+# The C++ suite again under AddressSanitizer and UndefinedBehaviorSanitizer (CPU backend only).
+test-sanitize: deps
+	cmake -S . -B $(BUILD_SAN) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSPATTN_CUDA=OFF \
+	  -DSPATTN_SANITIZE=address,undefined -DSPATTN_BENCH=OFF -DSPATTN_TOOLS=OFF
+	cmake --build $(BUILD_SAN) -j $(JOBS)
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --test-dir $(BUILD_SAN) --output-on-failure -j $(JOBS)
+
+test: test-cpp test-sanitize
+
+demo: build
+	$(BUILD)/bench/spattn_demo
+
+bench: build
+	$(BUILD)/bench/bench_attention
+
+clean:
+	rm -rf $(BUILD) $(BUILD_SAN)
