@@ -110,6 +110,7 @@ struct TransposedPlanView {
 };
 
 class TransposedPlan;
+TransposedPlan transpose(const PlanView& plan);
 
 // Host-owning plan. Builders (selectors, patterns) fill rows through set_row.
 class BlockPlan {
@@ -162,7 +163,7 @@ class TransposedPlan {
   std::span<const int32_t> partial_tiles(int64_t b, int64_t h, int64_t kb) const;
 
  private:
-  friend class BlockPlan;
+  friend TransposedPlan transpose(const PlanView& plan);
   PlanGeometry geo_{};
   int64_t capacity_ = 0;
   std::vector<int32_t> q_index_, num_full_, num_partial_;

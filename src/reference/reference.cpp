@@ -53,7 +53,7 @@ Softmax softmax_rows(const std::vector<double>& q, const std::vector<double>& k,
   Softmax s;
   s.p.assign(size_t(nq * nk), 0.0);
   s.lse.assign(size_t(nq), -std::numeric_limits<double>::infinity());
-  std::vector<double> row(size_t(nk));
+  std::vector<double> row(static_cast<size_t>(nk));
   for (int64_t i = 0; i < nq; ++i) {
     double m = -std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < nk; ++j) {
@@ -79,7 +79,7 @@ Softmax softmax_rows(const std::vector<double>& q, const std::vector<double>& k,
 std::vector<uint8_t> element_mask(const TensorRef& q, const TensorRef& k, const BlockPlan* plan,
                                   const MaskRule& rule) {
   const int64_t B = q.shape[0], Hq = q.shape[1], Nq = q.shape[2];
-  const int64_t Hkv = k.shape[1], Nk = k.shape[2];
+  const int64_t Nk = k.shape[2];
   std::vector<uint8_t> mask(size_t(B * Hq * Nq * Nk), 0);
   std::vector<uint8_t> block_map;
   int64_t nkb = 0;
