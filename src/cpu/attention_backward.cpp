@@ -1,0 +1,201 @@
+// CPU backward in two deterministic passes that both recompute P = exp(S - lse) from the
+// forward's lse, so no N × N matrix and no atomics are needed:
+//   dq pass   — one task per (batch, query head, query block) over its kv tiles;
+//   dk/dv pass — one task per (batch, kv head, kv block) over the transposed plan, summing the
+//               query heads of its GQA group in a fixed order.
+// Each output element is written by exactly one task, so results do not depend on threads.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_attention.hpp"
+#include "cpu/kernels.hpp"
+#include "cpu/tiles.hpp"
+
+namespace spattn::cpu {
+
+namespace {
+
+constexpr double kLog2e = 1.44269504088896340735992468100189214;
+
+// lse in log2 units for rows [q0, q0 + rows) of (b, h); empty rows (lse = -inf) become +inf so
+// that exp2(s - lse2) is exactly 0 for every score, masked or not.
+template <class A>
+void load_lse2(const TensorRef& lse, int64_t b, int64_t h, int64_t q0, int64_t rows, A* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t off = b * lse.stride[0] + h * lse.stride[1] + (q0 + i) * lse.stride[2];
+    const A x = lse.dtype == DType::float64 ? A(lse.ptr<const double>()[off])
+                                            : A(lse.ptr<const float>()[off]);
+    dst[i] = x == -std::numeric_limits<A>::infinity() ? std::numeric_limits<A>::infinity()
+                                                       : x * A(kLog2e);
+  }
+}
+
+// delta (B, Hq, Nq) = rowsum(dout ∘ out), in A.
+template <class S, class A>
+std::vector<A> row_deltas(const detail::AttentionProblem& p, const TensorRef& out,
+                          const TensorRef& dout) {
+  std::vector<A> delta(size_t(p.batch * p.heads_q * p.q_len));
+  const int64_t rows = p.batch * p.heads_q, n = p.q_len, dv = p.dim_v;
+#pragma omp parallel num_threads(thread_count(p))
+  {
+    Buffer<A> o(dv), d(dv);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / p.heads_q, h = r % p.heads_q;
+      for (int64_t i = 0; i < n; ++i) {
+        kernel::load_row(row_ptr<const S>(out, b, h, i), o.get(), dv);
+        kernel::load_row(row_ptr<const S>(dout, b, h, i), d.get(), dv);
+        A acc = A(0);
+        for (int64_t c = 0; c < dv; ++c) acc += o.get()[c] * d.get()[c];
+        delta[size_t(r * n + i)] = acc;
+      }
+    }
+  }
+  return delta;
+}
+
+template <class S, class A>
+void dq_pass(const detail::AttentionProblem& p, const PlanGeometry& geo, const TensorRef& q,
+             const TensorRef& k, const TensorRef& v, const TensorRef& lse,
+             const TensorRef& dout, const std::vector<A>& delta, const TensorRef& dq) {
+  const int64_t bq = geo.block_q, bk = geo.block_k, nqb = geo.num_q_blocks();
+  const int64_t D = p.dim_qk, Dv = p.dim_v, G = p.group_size();
+  const int64_t tasks = p.batch * p.heads_q * nqb;
+  const A scale_log2 = A(p.scale * kLog2e);
+
+#pragma omp parallel num_threads(thread_count(p))
+  {
+    Buffer<A> qbuf(bq * D), dob(bq * Dv), kt(D * bk), kr(bk * D), vt(Dv * bk), s(bq * bk),
+        dp(bq * bk), acc(bq * D), lse2(bq), scratch(std::max(D, Dv));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t qb = t % nqb, hq = (t / nqb) % p.heads_q, b = t / (nqb * p.heads_q);
+      const int64_t hk = hq / G;
+      const int64_t q0 = qb * bq, rows = std::min(bq, p.q_len - q0);
+      const A* dl = delta.data() + (b * p.heads_q + hq) * p.q_len + q0;  // (rows)
+      load_tile<S>(q, b, hq, q0, rows, D, qbuf.get(), D);       // (rows, D)
+      load_tile<S>(dout, b, hq, q0, rows, Dv, dob.get(), Dv);   // (rows, Dv)
+      load_lse2(lse, b, hq, q0, rows, lse2.get());
+      std::fill(acc.get(), acc.get() + rows * D, A(0));
+
+      for_each_kv_tile(p, geo, b, hq, qb, [&](int64_t kb, bool partial) {
+        const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0);
+        load_tile_transposed<S>(k, b, hk, k0, cols, D, kt.get(), bk, scratch.get());   // (D, bk)
+        load_tile<S>(k, b, hk, k0, cols, D, kr.get(), D);                             // (bk, D)
+        load_tile_transposed<S>(v, b, hk, k0, cols, Dv, vt.get(), bk, scratch.get());  // (Dv, bk)
+        kernel::gemm(rows, cols, D, qbuf.get(), D, kt.get(), bk, s.get(), bk, false);   // S
+        kernel::gemm(rows, cols, Dv, dob.get(), Dv, vt.get(), bk, dp.get(), bk, false);  // dP
+        for (int64_t i = 0; i < rows; ++i) {
+          A* srow = s.get() + i * bk;
+          if (partial) {
+            int64_t lo, hi;
+            allowed_keys(p.rule, q0 + i, p.q_len, p.k_len, k0, k0 + cols, lo, hi);
+            mask_outside(srow, cols, lo - k0, hi - k0);
+          }
+          kernel::exp2_row(srow, cols, scale_log2, lse2.get()[i]);  // P
+          A* dprow = dp.get() + i * bk;
+          const A di = dl[i];
+          for (int64_t j = 0; j < cols; ++j) dprow[j] = srow[j] * (dprow[j] - di);  // dS
+        }
+        kernel::gemm(rows, D, cols, dp.get(), bk, kr.get(), D, acc.get(), D, true);  // dQ += dS K
+      });
+      for (int64_t i = 0; i < rows; ++i)
+        kernel::store_row(acc.get() + i * D, row_ptr<S>(dq, b, hq, q0 + i), D, A(p.scale));
+    }
+  }
+}
+
+template <class S, class A>
+void dkdv_pass(const detail::AttentionProblem& p, const PlanGeometry& geo,
+               const TransposedPlanView* tplan, const TensorRef& q, const TensorRef& k,
+               const TensorRef& v, const TensorRef& lse, const TensorRef& dout,
+               const std::vector<A>& delta, const TensorRef& dk, const TensorRef& dv) {
+  const int64_t bq = geo.block_q, bk = geo.block_k, nkb = geo.num_k_blocks();
+  const int64_t D = p.dim_qk, Dv = p.dim_v, G = p.group_size();
+  const int64_t tasks = p.batch * p.heads_kv * nkb;
+  const A scale_log2 = A(p.scale * kLog2e);
+
+#pragma omp parallel num_threads(thread_count(p))
+  {
+    Buffer<A> kbuf(bk * D), vbuf(bk * Dv), qt(D * bq), qr(bq * D), dot(Dv * bq), dor(bq * Dv),
+        s(bk * bq), dp(bk * bq), dk_acc(bk * D), dv_acc(bk * Dv), lse2(bq),
+        scratch(std::max(D, Dv));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t kb = t % nkb, hk = (t / nkb) % p.heads_kv, b = t / (nkb * p.heads_kv);
+      const int64_t k0 = kb * bk, krows = std::min(bk, p.k_len - k0);
+      load_tile<S>(k, b, hk, k0, krows, D, kbuf.get(), D);    // (krows, D)
+      load_tile<S>(v, b, hk, k0, krows, Dv, vbuf.get(), Dv);  // (krows, Dv)
+      std::fill(dk_acc.get(), dk_acc.get() + krows * D, A(0));
+      std::fill(dv_acc.get(), dv_acc.get() + krows * Dv, A(0));
+
+      for (int64_t hq = hk * G; hq < (hk + 1) * G; ++hq) {
+        const A* dl_head = delta.data() + (b * p.heads_q + hq) * p.q_len;
+        for_each_q_tile(p, geo, tplan, b, hq, kb, [&](int64_t qb, bool partial) {
+          const int64_t q0 = qb * bq, qcols = std::min(bq, p.q_len - q0);
+          const A* dl = dl_head + q0;  // (qcols)
+          load_tile_transposed<S>(q, b, hq, q0, qcols, D, qt.get(), bq, scratch.get());      // (D, bq)
+          load_tile<S>(q, b, hq, q0, qcols, D, qr.get(), D);                                 // (bq, D)
+          load_tile_transposed<S>(dout, b, hq, q0, qcols, Dv, dot.get(), bq, scratch.get());  // (Dv, bq)
+          load_tile<S>(dout, b, hq, q0, qcols, Dv, dor.get(), Dv);                           // (bq, Dv)
+          load_lse2(lse, b, hq, q0, qcols, lse2.get());
+          kernel::gemm(krows, qcols, D, kbuf.get(), D, qt.get(), bq, s.get(), bq, false);     // Sᵀ
+          kernel::gemm(krows, qcols, Dv, vbuf.get(), Dv, dot.get(), bq, dp.get(), bq, false);  // dPᵀ
+          for (int64_t j = 0; j < krows; ++j) {
+            A* srow = s.get() + j * bq;
+            if (partial) {
+              int64_t lo, hi;
+              allowed_queries(p.rule, k0 + j, p.q_len, p.k_len, q0, q0 + qcols, lo, hi);
+              mask_outside(srow, qcols, lo - q0, hi - q0);
+            }
+            kernel::exp2_row_sub(srow, qcols, scale_log2, lse2.get());  // Pᵀ
+            A* dprow = dp.get() + j * bq;
+            for (int64_t i = 0; i < qcols; ++i) dprow[i] = srow[i] * (dprow[i] - dl[i]);  // dSᵀ
+          }
+          kernel::gemm(krows, Dv, qcols, s.get(), bq, dor.get(), Dv, dv_acc.get(), Dv, true);  // dV += Pᵀ dO
+          kernel::gemm(krows, D, qcols, dp.get(), bq, qr.get(), D, dk_acc.get(), D, true);     // dK += dSᵀ Q
+        });
+      }
+      for (int64_t j = 0; j < krows; ++j) {
+        kernel::store_row(dk_acc.get() + j * D, row_ptr<S>(dk, b, hk, k0 + j), D, A(p.scale));
+        kernel::store_row(dv_acc.get() + j * Dv, row_ptr<S>(dv, b, hk, k0 + j), Dv, A(1));
+      }
+    }
+  }
+}
+
+template <class S, class A>
+void backward_typed(const detail::AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+                    const TensorRef& v, const TensorRef& out, const TensorRef& lse,
+                    const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
+                    const TensorRef& dv) {
+  const PlanGeometry geo = tile_geometry(p);
+  const std::vector<A> delta = row_deltas<S, A>(p, out, dout);
+  if (p.batch * p.heads_q * p.q_len > 0) dq_pass<S, A>(p, geo, q, k, v, lse, dout, delta, dq);
+  if (p.batch * p.heads_kv * p.k_len > 0) {
+    TransposedPlan owned;
+    TransposedPlanView tview;
+    if (p.plan != nullptr) {
+      owned = transpose(*p.plan);
+      tview = owned.view();
+    }
+    dkdv_pass<S, A>(p, geo, p.plan ? &tview : nullptr, q, k, v, lse, dout, delta, dk, dv);
+  }
+}
+
+}  // namespace
+
+void backward(const detail::AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+              const TensorRef& v, const TensorRef& out, const TensorRef& lse,
+              const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
+              const TensorRef& dv) {
+  switch (p.dtype) {
+    case DType::float32: backward_typed<float, float>(p, q, k, v, out, lse, dout, dq, dk, dv); break;
+    case DType::float64: backward_typed<double, double>(p, q, k, v, out, lse, dout, dq, dk, dv); break;
+    case DType::float16: backward_typed<float16, float>(p, q, k, v, out, lse, dout, dq, dk, dv); break;
+    case DType::bfloat16: backward_typed<bfloat16, float>(p, q, k, v, out, lse, dout, dq, dk, dv); break;
+  }
+}
+
+}  // namespace spattn::cpu

@@ -1,0 +1,142 @@
+// What the forward and backward passes share: which tiles to visit (plan or dense geometry),
+// which elements of a partial tile the rule keeps, and moving tiles between strided (B, H, N, D)
+// views and row-major per-thread buffers.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <new>
+
+#include "core/problem.hpp"
+#include "cpu/kernels.hpp"
+#include "spattn/plan.hpp"
+
+namespace spattn::cpu {
+
+// Tile sizes when no plan fixes them. block_k = 64 keeps a K tile (64 × D floats) and the score
+// tile (block_q × 64) in L1/L2 while block_q = 128 amortises packing K and V over 128 queries.
+inline constexpr int kDenseBlockQ = 128;
+inline constexpr int kDenseBlockK = 64;
+
+inline PlanGeometry tile_geometry(const detail::AttentionProblem& p) {
+  if (p.plan != nullptr) return p.plan->geo;
+  PlanGeometry g;
+  g.q_len = p.q_len;
+  g.k_len = p.k_len;
+  g.block_q = kDenseBlockQ;
+  g.block_k = kDenseBlockK;
+  g.rule = p.rule;
+  return g;
+}
+
+inline int thread_count(const detail::AttentionProblem& p) {
+  return p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+}
+
+// Calls fn(kb, partial) for each kv block that query block qb of (b, hq) visits, full tiles first.
+template <class Fn>
+void for_each_kv_tile(const detail::AttentionProblem& p, const PlanGeometry& geo, int64_t b,
+                      int64_t hq, int64_t qb, Fn&& fn) {
+  if (p.plan != nullptr) {
+    const PlanView& plan = *p.plan;
+    const int64_t r = plan.row(b, plan.head_for(hq, p.heads_q), qb);
+    const int32_t* idx = plan.kv_index + r * plan.capacity;
+    const int32_t nf = plan.num_full[r], np = plan.num_partial[r];
+    for (int32_t s = 0; s < nf + np; ++s) fn(int64_t(idx[s]), s >= nf);
+    return;
+  }
+  const int64_t nkb = geo.num_k_blocks();
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const TileKind kind = geo.classify(qb, kb);
+    if (kind != TileKind::empty) fn(kb, kind == TileKind::partial);
+  }
+}
+
+// Calls fn(qb, partial) for each query block of (b, hq) that visits kv block kb.
+template <class Fn>
+void for_each_q_tile(const detail::AttentionProblem& p, const PlanGeometry& geo,
+                     const TransposedPlanView* tplan, int64_t b, int64_t hq, int64_t kb, Fn&& fn) {
+  if (tplan != nullptr) {
+    const int64_t r = tplan->row(b, tplan->head_for(hq, p.heads_q), kb);
+    const int32_t* idx = tplan->q_index + r * tplan->capacity;
+    const int32_t nf = tplan->num_full[r], np = tplan->num_partial[r];
+    for (int32_t s = 0; s < nf + np; ++s) fn(int64_t(idx[s]), s >= nf);
+    return;
+  }
+  const int64_t nqb = geo.num_q_blocks();
+  for (int64_t qb = 0; qb < nqb; ++qb) {
+    const TileKind kind = geo.classify(qb, kb);
+    if (kind != TileKind::empty) fn(qb, kind == TileKind::partial);
+  }
+}
+
+// Keys [lo, hi) that query i may see, clipped to [k0, k1). Offsets are saturated at +-2^62 so
+// the sums below cannot overflow for any real sequence length.
+inline void allowed_keys(const MaskRule& rule, int64_t i, int64_t q_len, int64_t k_len,
+                         int64_t k0, int64_t k1, int64_t& lo, int64_t& hi) {
+  const int64_t pos = i + k_len - q_len;
+  lo = std::max(k0, pos + rule.min_offset());
+  hi = std::min(k1, pos + rule.max_offset() + 1);
+  if (hi < lo) hi = lo;
+}
+
+// Queries [lo, hi) that may see key j, clipped to [q0, q1).
+inline void allowed_queries(const MaskRule& rule, int64_t j, int64_t q_len, int64_t k_len,
+                            int64_t q0, int64_t q1, int64_t& lo, int64_t& hi) {
+  const int64_t base = j - (k_len - q_len);  // d = base - i
+  lo = std::max(q0, base - rule.max_offset());
+  hi = std::min(q1, base - rule.min_offset() + 1);
+  if (hi < lo) hi = lo;
+}
+
+// Writes -inf outside [lo, hi) of a row of n scores (lo, hi relative to the row).
+template <class A>
+inline void mask_outside(A* row, int64_t n, int64_t lo, int64_t hi) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+  for (int64_t j = 0; j < std::min(lo, n); ++j) row[j] = ninf;
+  for (int64_t j = std::max<int64_t>(hi, 0); j < n; ++j) row[j] = ninf;
+}
+
+// Element pointer of row (b, h, n) of a (B, H, N, D) view.
+template <class S>
+inline S* row_ptr(const TensorRef& t, int64_t b, int64_t h, int64_t n) {
+  return t.ptr<S>() + b * t.stride[0] + h * t.stride[1] + n * t.stride[2];
+}
+
+// dst (rows, ld) ← rows [n0, n0 + rows) of (b, h), first `cols` elements of each.
+template <class S, class A>
+inline void load_tile(const TensorRef& t, int64_t b, int64_t h, int64_t n0, int64_t rows,
+                      int64_t cols, A* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    kernel::load_row(row_ptr<const S>(t, b, h, n0 + r), dst + r * ld, cols);
+}
+
+// dst (cols, ld) ← the same rows transposed; `scratch` holds one row of `cols` values.
+template <class S, class A>
+inline void load_tile_transposed(const TensorRef& t, int64_t b, int64_t h, int64_t n0,
+                                 int64_t rows, int64_t cols, A* dst, int64_t ld, A* scratch) {
+  for (int64_t r = 0; r < rows; ++r) {
+    kernel::load_row(row_ptr<const S>(t, b, h, n0 + r), scratch, cols);
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = scratch[c];
+  }
+}
+
+// Per-thread scratch: 64-byte aligned, uninitialised.
+template <class T>
+struct Buffer {
+  std::unique_ptr<T[], void (*)(T*)> data{nullptr, [](T* x) { std::free(x); }};
+  explicit Buffer(int64_t n) {
+    const size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+    T* ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (ptr == nullptr) throw std::bad_alloc();
+    data.reset(ptr);
+  }
+  T* get() const { return data.get(); }
+};
+
+}  // namespace spattn::cpu
