@@ -1,0 +1,182 @@
+// Times spattn's CUDA forward and forward+backward with CUDA events on one shape, dense and
+// with random block plans, and prints one JSON object per measurement (bench_cuda.py merges
+// them with the PyTorch peers into one table).
+//
+//   bench_cuda [--seq 32768] [--heads 12] [--dim 128] [--iters 20] [--densities 0.15,0.10,0.05]
+//              [--block-q 128] [--block-k 64] [--causal 0|1|both] [--seed 1]
+//
+// Block masks come from a counter hash (splitmix64 of (head, query block, kv block) and the
+// seed) so that bench_cuda.py rebuilds exactly the same mask for FlexAttention.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "spattn/attention.hpp"
+#include "spattn/error.hpp"
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "bench_cuda: %s failed: %s\n", what, cudaGetErrorString(e));
+    std::exit(2);
+  }
+}
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [-1, 1) from a hash of the element index (host side, then one copy): never zeros.
+void fill_random(void* device, int64_t n, uint64_t seed) {
+  std::vector<uint16_t> host(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = float(splitmix64(uint64_t(i) ^ (seed << 40)) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+    host[size_t(i)] = spattn::to_bfloat16(x).bits;
+  }
+  check(cudaMemcpy(device, host.data(), size_t(n) * 2, cudaMemcpyHostToDevice), "input copy");
+}
+
+struct Buf {
+  void* p = nullptr;
+  explicit Buf(size_t bytes) { check(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "cudaMalloc"); }
+  ~Buf() { cudaFree(p); }
+};
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace spattn;
+  int64_t N = 32768, H = 12, D = 128;
+  int iters = 20, block_q = 128, block_k = 64;
+  uint64_t seed = 1;
+  std::string causal_arg = "both";
+  std::vector<double> densities = {0.15, 0.10, 0.05};
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i], v = argv[i + 1];
+    if (a == "--seq") N = std::stoll(v);
+    else if (a == "--heads") H = std::stoll(v);
+    else if (a == "--dim") D = std::stoll(v);
+    else if (a == "--iters") iters = std::stoi(v);
+    else if (a == "--block-q") block_q = std::stoi(v);
+    else if (a == "--block-k") block_k = std::stoi(v);
+    else if (a == "--seed") seed = std::stoull(v);
+    else if (a == "--causal") causal_arg = v;
+    else if (a == "--densities") {
+      densities.clear();
+      size_t pos = 0;
+      while (pos < v.size()) {
+        const size_t end = v.find(',', pos);
+        densities.push_back(std::stod(v.substr(pos, end - pos)));
+        pos = end == std::string::npos ? v.size() : end + 1;
+      }
+    } else {
+      std::fprintf(stderr, "bench_cuda: unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  if (!cuda_backend_available()) {
+    std::fprintf(stderr, "bench_cuda: no CUDA device\n");
+    return 2;
+  }
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+
+  const Device dev{DeviceKind::cuda, 0};
+  const int64_t n = H * N * D;
+  Buf q(n * 2), k(n * 2), v(n * 2), o(n * 2), dout(n * 2), dq(n * 2), dk(n * 2), dv(n * 2),
+      lse(H * N * 4);
+  int s = 0;
+  for (void* p : {q.p, k.p, v.p, dout.p}) fill_random(p, n, seed * 1000 + s++);
+  auto ref4 = [&](void* p) { return make_ref(p, DType::bfloat16, {1, H, N, D}, {}, dev); };
+  const TensorRef tq = ref4(q.p), tk = ref4(k.p), tv = ref4(v.p), to = ref4(o.p),
+                  tdo = ref4(dout.p), tdq = ref4(dq.p), tdk = ref4(dk.p), tdv = ref4(dv.p);
+  const TensorRef tl = make_ref(lse.p, DType::float32, {1, H, N}, {}, dev);
+
+  cudaEvent_t e0, e1;
+  check(cudaEventCreate(&e0), "cudaEventCreate");
+  check(cudaEventCreate(&e1), "cudaEventCreate");
+
+  std::vector<bool> causals;
+  if (causal_arg == "0" || causal_arg == "both") causals.push_back(false);
+  if (causal_arg == "1" || causal_arg == "both") causals.push_back(true);
+  for (bool causal : causals) {
+    AttentionParams params;
+    params.mask.causal = causal;
+    std::vector<double> runs = {-1.0};
+    runs.insert(runs.end(), densities.begin(), densities.end());
+    for (double density : runs) {
+      BlockPlan plan;
+      PlanView view;
+      std::vector<Buf*> plan_bufs;
+      const PlanView* pv = nullptr;
+      double computed = causal ? 0.5 : 1.0;  // share of the N x N grid computed
+      if (density >= 0) {
+        PlanGeometry g;
+        g.batch = 1;
+        g.heads = H;
+        g.q_len = g.k_len = N;
+        g.block_q = block_q;
+        g.block_k = block_k;
+        g.rule = params.mask;
+        const int64_t nqb = g.num_q_blocks(), nkb = g.num_k_blocks();
+        std::vector<uint8_t> mask(size_t(H * nqb * nkb));
+        for (size_t i = 0; i < mask.size(); ++i)
+          mask[i] = double(splitmix64(i + seed * 0x1000000000ull) >> 11) * 0x1.0p-53 < density;
+        plan = BlockPlan::from_block_mask(g, mask);
+        computed = plan.density();
+        view = plan.view();
+        auto upload = [&](const std::vector<int32_t>& a) {
+          Buf* b = new Buf(a.size() * 4);
+          check(cudaMemcpy(b->p, a.data(), a.size() * 4, cudaMemcpyHostToDevice), "plan copy");
+          plan_bufs.push_back(b);
+          return static_cast<const int32_t*>(b->p);
+        };
+        view.kv_index = upload(plan.kv_index());
+        view.num_full = upload(plan.num_full());
+        view.num_partial = upload(plan.num_partial());
+        view.device = dev;
+        pv = &view;
+      }
+      auto time_it = [&](bool with_backward) {
+        std::vector<float> ms;
+        for (int it = 0; it < iters + 3; ++it) {
+          check(cudaEventRecord(e0), "cudaEventRecord");
+          forward(tq, tk, tv, pv, params, to, tl);
+          if (with_backward) backward(tq, tk, tv, to, tl, tdo, pv, params, tdq, tdk, tdv);
+          check(cudaEventRecord(e1), "cudaEventRecord");
+          check(cudaEventSynchronize(e1), "cudaEventSynchronize");
+          float t = 0;
+          check(cudaEventElapsedTime(&t, e0, e1), "cudaEventElapsedTime");
+          if (it >= 3) ms.push_back(t);  // the first runs load modules and warm the clocks
+        }
+        return median(ms);
+      };
+      const float fwd = time_it(false);
+      const float fwdbwd = time_it(true);
+      // Poison check: a finite output proves every element was written.
+      std::printf(
+          "{\"impl\": \"spattn\", \"gpu\": \"%s\", \"causal\": %d, \"density\": %.4f, "
+          "\"computed\": %.5f, \"block\": \"%dx%d\", \"fwd_ms\": %.4f, \"fwdbwd_ms\": %.4f, "
+          "\"N\": %lld, \"H\": %lld, \"D\": %lld}\n",
+          prop.name, int(causal), density, computed, block_q, block_k, fwd, fwdbwd,
+          (long long)N, (long long)H, (long long)D);
+      std::fflush(stdout);
+      for (Buf* b : plan_bufs) delete b;
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,492 @@
+// Block-sparse attention backward on mma.sync, deterministic (no floating-point atomics):
+//   1. backward_prepare_kernel: delta = rowsum(dout * out) and lse in log2 units, per query row.
+//   2. attention_dq_kernel: per (query tile of 128, head, batch), walks the forward plan's row
+//      and accumulates dq = scale * dS K in registers (recomputing S and dP).
+//   3. attention_dkdv_kernel: per (key tile of 64, kv head, batch), walks the transposed plan
+//      over the query heads of its GQA group and accumulates dk, dv in registers.
+// Passes 2 and 3 both recompute S and P; that costs two extra matrix products over
+// FlashAttention-2's atomic dq but makes every gradient a fixed-order sum.
+#pragma once
+
+#include "cuda/device_common.cuh"
+#include "cuda/forward_kernel.cuh"
+
+namespace spattn::cuda {
+
+__device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem),
+               "r"(bytes));
+}
+
+// ---- 1. per-row preparation ----------------------------------------------------------------------
+// One warp per (b, hq, i) row: delta (float32) and lse * log2(e) (+inf when lse = -inf, so the
+// row's probabilities come out 0 and its gradients vanish). Workspace is (B, Hq, Nq) contiguous.
+template <class T, int D>
+__global__ void backward_prepare_kernel(const __grid_constant__ AttnParams p) {
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.q_len;
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
+  const int i = int(r % p.q_len);
+  const int hq = int((r / p.q_len) % p.heads_q);
+  const int b = int(r / (int64_t(p.q_len) * p.heads_q));
+  const T* o = row_ptr<T>(p.out, p.o_stride, b, hq) + int64_t(i) * p.o_stride[2];
+  const T* d = row_ptr<T>(p.dout, p.do_stride, b, hq) + int64_t(i) * p.do_stride[2];
+  float sum = 0.f;
+#pragma unroll
+  for (int c = lane * 2; c < D; c += 64) {
+    const float2 a = Elem<T>::unpack(*reinterpret_cast<const uint32_t*>(o + c));
+    const float2 e = Elem<T>::unpack(*reinterpret_cast<const uint32_t*>(d + c));
+    sum += a.x * e.x + a.y * e.y;
+  }
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+  if (lane == 0) {
+    const float lse = p.lse[int64_t(b) * p.lse_stride[0] + int64_t(hq) * p.lse_stride[1] +
+                            int64_t(i) * p.lse_stride[2]];
+    p.delta[r] = sum;
+    p.lse2[r] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
+  }
+}
+
+// ---- 2. dq ----------------------------------------------------------------------------------------
+template <int D>
+struct DqTraits {
+  static constexpr int kBlockQ = 128;
+  static constexpr int kBlockK = 64;
+  static constexpr int kWarps = kBlockQ / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTileQBytes = kBlockQ * D * 2;
+  static constexpr int kTileKBytes = kBlockK * D * 2;
+  // Q and dout resident, K and V double-buffered.
+  static constexpr int kSmemBytes = 2 * kTileQBytes + 2 * 2 * kTileKBytes;
+  static_assert(kSmemBytes <= 227 * 1024, "dq shared memory over the sm_90 budget");
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(DqTraits<D>::kThreads, 1)
+    attention_dq_kernel(const __grid_constant__ AttnParams p) {
+  using Tr = DqTraits<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int hq = blockIdx.y, b = blockIdx.z;
+  const int hk = hq / p.group;
+  const int q0 = qt * Tr::kBlockQ;
+  const int nq = min(Tr::kBlockQ, p.q_len - q0);
+
+  const uint32_t sQ = smem_addr(smem);
+  const uint32_t sDO = sQ + Tr::kTileQBytes;
+  const uint32_t sK0 = sDO + Tr::kTileQBytes;
+  const T* kb = row_ptr<T>(p.k, p.k_stride, b, hk);
+  const T* vb = row_ptr<T>(p.v, p.v_stride, b, hk);
+  const KeyTileWalk walk = make_key_walk(p, b, hq, q0);
+
+  load_tile<Tr::kBlockQ, D, Tr::kThreads>(sQ, row_ptr<T>(p.q, p.q_stride, b, hq), p.q_stride[2],
+                                          q0, p.q_len);
+  load_tile<Tr::kBlockQ, D, Tr::kThreads>(sDO, row_ptr<T>(p.dout, p.do_stride, b, hq),
+                                          p.do_stride[2], q0, p.q_len);
+  cp_async_commit();
+  auto issue_kv = [&](int t) {
+    int k0;
+    bool masked;
+    walk.at(p, t, q0, nq, k0, masked);
+    const uint32_t sk = sK0 + (t & 1) * 2 * Tr::kTileKBytes;
+    load_tile<Tr::kBlockK, D, Tr::kThreads>(sk, kb, p.k_stride[2], k0, p.k_len);
+    load_tile<Tr::kBlockK, D, Tr::kThreads>(sk + Tr::kTileKBytes, vb, p.v_stride[2], k0, p.k_len);
+    cp_async_commit();
+  };
+  if (walk.count > 0) issue_kv(0);
+
+  int64_t generic_row = 0;
+  if (p.source == TileSource::generic) {
+    const int hp = plan_head(p.plan, hq, p.heads_q);
+    const int pr = min((q0 + warp * 16) / p.plan.block_q, p.plan.rows - 1);
+    generic_row = plan_row(p.plan, b, hp, pr);
+  }
+  // Per-row statistics for rows g and g + 8 of this warp (rows past the end: P = 0).
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = q0 + warp * 16 + g + r * 8;
+    const int64_t w = (int64_t(b) * p.heads_q + hq) * p.q_len + i;
+    lse2[r] = i < p.q_len ? p.lse2[w] : INFINITY;
+    delta[r] = i < p.q_len ? p.delta[w] : 0.f;
+  }
+
+  float acc_dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc_dq[i][0] = acc_dq[i][1] = acc_dq[i][2] = acc_dq[i][3] = 0.f;
+
+  for (int t = 0; t < walk.count; ++t) {
+    if (t + 1 < walk.count) {
+      issue_kv(t + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    int k0;
+    bool masked;
+    walk.at(p, t, q0, nq, k0, masked);
+    const uint32_t sK = sK0 + (t & 1) * 2 * Tr::kTileKBytes;
+    const uint32_t sV = sK + Tr::kTileKBytes;
+
+    // S = Q K^T and dP = dout V^T: (16 rows, 64 keys) per warp.
+    float s[8][4], dp[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4], ad[4];
+      frag_a<D>(a, sQ, warp * 16, kk * 16, lane);
+      frag_a<D>(ad, sDO, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t bk[4], bv[4];
+        frag_b_nt<D>(bk, sK, n * 8, kk * 16, lane);
+        frag_b_nt<D>(bv, sV, n * 8, kk * 16, lane);
+        mma16816<T>(s[n], a, bk[0], bk[1]);
+        mma16816<T>(s[n + 1], a, bk[2], bk[3]);
+        mma16816<T>(dp[n], ad, bv[0], bv[1]);
+        mma16816<T>(dp[n + 1], ad, bv[2], bv[3]);
+      }
+    }
+    if (masked) {
+      const uint64_t listed = p.source == TileSource::generic
+                                  ? listed_columns(p.plan, generic_row, k0, p.plan.block_k)
+                                  : ~uint64_t(0);
+      const int i0 = q0 + warp * 16 + g;
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = n * 8 + 2 * tq + (e & 1);
+          if (!((listed >> c) & 1) || !rule_allows(p, i0 + (e >> 1) * 8, k0 + c))
+            s[n][e] = -INFINITY;
+        }
+    }
+    // dS = P * (dP - delta), as A fragments for dq += dS K.
+    uint32_t ds_frag[4][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      float v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float pr = exp2f(fmaf(s[n][e], p.scale_log2, -lse2[r]));
+        v[e] = pr * (dp[n][e] - delta[r]);
+      }
+      ds_frag[n >> 1][(n & 1) * 2 + 0] = Elem<T>::pack(v[0], v[1]);
+      ds_frag[n >> 1][(n & 1) * 2 + 1] = Elem<T>::pack(v[2], v[3]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t bf[4];
+        frag_b_t<D>(bf, sK, kk * 16, n * 8, lane);
+        mma16816<T>(acc_dq[n], ds_frag[kk], bf[0], bf[1]);
+        mma16816<T>(acc_dq[n + 1], ds_frag[kk], bf[2], bf[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+  T* dqb = row_ptr_mut<T>(p.dq, p.dq_stride, b, hq);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = q0 + warp * 16 + g + r * 8;
+    if (i >= p.q_len) continue;
+    T* row = dqb + int64_t(i) * p.dq_stride[2];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(row + n * 8 + 2 * tq) =
+          Elem<T>::pack(acc_dq[n][2 * r] * p.scale, acc_dq[n][2 * r + 1] * p.scale);
+  }
+}
+
+// ---- 3. dk, dv ------------------------------------------------------------------------------------
+template <int D>
+struct DkdvTraits {
+  static constexpr int kBlockK = 64;  // = the default plan block_k: one CTA per transposed row
+  static constexpr int kBlockQ = 64;  // query sub-tile; a 128-row plan block is two steps
+  static constexpr int kWarps = kBlockK / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTileKBytes = kBlockK * D * 2;
+  static constexpr int kTileQBytes = kBlockQ * D * 2;
+  static constexpr int kStatBytes = kBlockQ * 4;
+  // K, V resident; per stage: Q, dout, lse2, delta.
+  static constexpr int kStageBytes = 2 * kTileQBytes + 2 * kStatBytes;
+  static constexpr int kSmemBytes = 2 * kTileKBytes + 2 * kStageBytes;
+  // Two CTAs per SM at D = 128 (2 x 97 KiB).
+  static_assert(kSmemBytes <= 227 * 1024, "dk/dv shared memory over the sm_90 budget");
+};
+
+// Walks (query head of the group, query tile of 64) pairs for one key tile.
+struct QueryTileWalk {
+  TileSource source;
+  int first, range_count;  // range sources: same query tiles for every head
+  int b, k0, group, hk;
+
+  __device__ int count(const AttnParams& p, int h) const {
+    if (source != TileSource::native) return range_count;
+    const int hq = hk * group + h;
+    const int hp = plan_head(p.tplan, hq, p.heads_q);
+    const int64_t row = plan_row(p.tplan, b, hp, k0 / p.tplan.block_k);
+    return (p.tplan.num_full[row] + p.tplan.num_partial[row]) * (p.tplan.block_q / 64);
+  }
+  // Moves (h, t) forward to the next existing pair; false when done.
+  __device__ bool settle(const AttnParams& p, int& h, int& t) const {
+    while (h < group && t >= count(p, h)) {
+      ++h;
+      t = 0;
+    }
+    return h < group;
+  }
+  __device__ void at(const AttnParams& p, int h, int t, int nk, int& q0, bool& masked) const {
+    if (source == TileSource::native) {
+      const int hq = hk * group + h;
+      const int hp = plan_head(p.tplan, hq, p.heads_q);
+      const int64_t row = plan_row(p.tplan, b, hp, k0 / p.tplan.block_k);
+      const int sub = p.tplan.block_q / 64;
+      const int pi = t / sub;
+      q0 = p.tplan.index[row * p.tplan.capacity + pi] * p.tplan.block_q + (t - pi * sub) * 64;
+      masked = pi >= p.tplan.num_full[row];
+    } else {
+      q0 = (first + t) * 64;
+      const int nq = min(64, p.q_len - q0);
+      masked = source == TileSource::generic || !tile_is_full(p, q0, nq, k0, nk, 64, 64);
+    }
+  }
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(DkdvTraits<D>::kThreads, 2)
+    attention_dkdv_kernel(const __grid_constant__ AttnParams p) {
+  using Tr = DkdvTraits<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int k0 = kt * Tr::kBlockK;
+  const int nk = min(Tr::kBlockK, p.k_len - k0);
+
+  const uint32_t sK = smem_addr(smem);
+  const uint32_t sV = sK + Tr::kTileKBytes;
+  const uint32_t sStage0 = sV + Tr::kTileKBytes;
+  // Stage layout: Q tile, dout tile, lse2[64], delta[64].
+  const float* stats0 = reinterpret_cast<const float*>(smem + 2 * Tr::kTileKBytes + 2 * Tr::kTileQBytes);
+
+  QueryTileWalk walk{};
+  walk.source = p.source;
+  walk.b = b;
+  walk.k0 = k0;
+  walk.group = p.group;
+  walk.hk = hk;
+  if (p.source != TileSource::native) {
+    const int2 r = query_tile_range(p, k0, k0 + nk, 64);
+    walk.first = r.x;
+    walk.range_count = r.y - r.x;
+  }
+
+  load_tile<Tr::kBlockK, D, Tr::kThreads>(sK, row_ptr<T>(p.k, p.k_stride, b, hk), p.k_stride[2],
+                                          k0, p.k_len);
+  load_tile<Tr::kBlockK, D, Tr::kThreads>(sV, row_ptr<T>(p.v, p.v_stride, b, hk), p.v_stride[2],
+                                          k0, p.k_len);
+  cp_async_commit();
+
+  auto issue_q = [&](int h, int t, int stage) {
+    int q0;
+    bool masked;
+    walk.at(p, h, t, nk, q0, masked);
+    const int hq = hk * p.group + h;
+    const uint32_t base = sStage0 + stage * Tr::kStageBytes;
+    load_tile<Tr::kBlockQ, D, Tr::kThreads>(base, row_ptr<T>(p.q, p.q_stride, b, hq),
+                                            p.q_stride[2], q0, p.q_len);
+    load_tile<Tr::kBlockQ, D, Tr::kThreads>(base + Tr::kTileQBytes,
+                                            row_ptr<T>(p.dout, p.do_stride, b, hq),
+                                            p.do_stride[2], q0, p.q_len);
+    // Statistics; rows past the end read as 0, harmless because their Q and dout rows are 0.
+    const int64_t w0 = (int64_t(b) * p.heads_q + hq) * p.q_len;
+    for (int c = threadIdx.x; c < 2 * Tr::kBlockQ; c += Tr::kThreads) {
+      const int col = c % Tr::kBlockQ;
+      const bool valid = q0 + col < p.q_len;
+      const float* src = (c < Tr::kBlockQ ? p.lse2 : p.delta) + (valid ? w0 + q0 + col : 0);
+      cp_async4(base + 2 * Tr::kTileQBytes + c * 4, src, valid);
+    }
+    cp_async_commit();
+  };
+
+  float acc_dk[D / 8][4], acc_dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+  int h = 0, t = 0;
+  bool have = walk.settle(p, h, t);
+  if (have) issue_q(h, t, 0);
+  int stage = 0;
+  while (have) {
+    int hn = h, tn = t + 1;
+    const bool have_next = walk.settle(p, hn, tn);
+    if (have_next) {
+      issue_q(hn, tn, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    int q0;
+    bool masked;
+    walk.at(p, h, t, nk, q0, masked);
+    const uint32_t sQ = sStage0 + stage * Tr::kStageBytes;
+    const uint32_t sDO = sQ + Tr::kTileQBytes;
+    const float* lse2 = reinterpret_cast<const float*>(
+        reinterpret_cast<const unsigned char*>(stats0) + stage * Tr::kStageBytes);
+    const float* delta = lse2 + Tr::kBlockQ;
+
+    // S^T = K Q^T and dP^T = V dout^T: (16 keys, 64 queries) per warp.
+    float s[8][4], dp[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      frag_a<D>(ak, sK, warp * 16, kk * 16, lane);
+      frag_a<D>(av, sV, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t bq[4], bd[4];
+        frag_b_nt<D>(bq, sQ, n * 8, kk * 16, lane);
+        frag_b_nt<D>(bd, sDO, n * 8, kk * 16, lane);
+        mma16816<T>(s[n], ak, bq[0], bq[1]);
+        mma16816<T>(s[n + 1], ak, bq[2], bq[3]);
+        mma16816<T>(dp[n], av, bd[0], bd[1]);
+        mma16816<T>(dp[n + 1], av, bd[2], bd[3]);
+      }
+    }
+    if (masked) {
+      uint64_t listed = ~uint64_t(0);
+      if (p.source == TileSource::generic) {
+        // Column c (query q0 + c) counts when its plan row lists this warp's plan kv block.
+        const int hq = hk * p.group + h;
+        const int hp = plan_head(p.plan, hq, p.heads_q);
+        const int kbp = (k0 + warp * 16) / p.plan.block_k;
+        const int step = p.plan.block_q < 64 ? p.plan.block_q : 64;
+        listed = 0;
+        for (int c = 0; c < 64; c += step) {
+          const int qb = min((q0 + c) / p.plan.block_q, p.plan.rows - 1);
+          const int64_t row = plan_row(p.plan, b, hp, qb);
+          if (plan_row_lists(p.plan.index + row * p.plan.capacity, p.plan.num_full[row],
+                             p.plan.num_partial[row], kbp))
+            listed |= (step == 64 ? ~uint64_t(0) : ((uint64_t(1) << step) - 1)) << c;
+        }
+      }
+      const int j0 = k0 + warp * 16 + g;
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = n * 8 + 2 * tq + (e & 1);
+          if (!((listed >> c) & 1) || !rule_allows(p, q0 + c, j0 + (e >> 1) * 8))
+            s[n][e] = -INFINITY;
+        }
+    }
+    // P^T and dS^T = P^T * (dP^T - delta) as A fragments (16 keys x 16 queries per step).
+    uint32_t p_frag[4][4], ds_frag[4][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const int c = n * 8 + 2 * tq;
+      const float l0 = lse2[c], l1 = lse2[c + 1];
+      const float d0 = delta[c], d1 = delta[c + 1];
+      const float p0 = exp2f(fmaf(s[n][0], p.scale_log2, -l0));
+      const float p1 = exp2f(fmaf(s[n][1], p.scale_log2, -l1));
+      const float p2 = exp2f(fmaf(s[n][2], p.scale_log2, -l0));
+      const float p3 = exp2f(fmaf(s[n][3], p.scale_log2, -l1));
+      p_frag[n >> 1][(n & 1) * 2 + 0] = Elem<T>::pack(p0, p1);
+      p_frag[n >> 1][(n & 1) * 2 + 1] = Elem<T>::pack(p2, p3);
+      ds_frag[n >> 1][(n & 1) * 2 + 0] = Elem<T>::pack(p0 * (dp[n][0] - d0), p1 * (dp[n][1] - d1));
+      ds_frag[n >> 1][(n & 1) * 2 + 1] = Elem<T>::pack(p2 * (dp[n][2] - d0), p3 * (dp[n][3] - d1));
+    }
+    // dV += P^T dout, dK += dS^T Q: (16 keys, D) per warp.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t bd[4], bq[4];
+        frag_b_t<D>(bd, sDO, kk * 16, n * 8, lane);
+        frag_b_t<D>(bq, sQ, kk * 16, n * 8, lane);
+        mma16816<T>(acc_dv[n], p_frag[kk], bd[0], bd[1]);
+        mma16816<T>(acc_dv[n + 1], p_frag[kk], bd[2], bd[3]);
+        mma16816<T>(acc_dk[n], ds_frag[kk], bq[0], bq[1]);
+        mma16816<T>(acc_dk[n + 1], ds_frag[kk], bq[2], bq[3]);
+      }
+    }
+    __syncthreads();
+    h = hn;
+    t = tn;
+    have = have_next;
+    stage ^= 1;
+  }
+
+  T* dkb = row_ptr_mut<T>(p.dk, p.dk_stride, b, hk);
+  T* dvb = row_ptr_mut<T>(p.dv, p.dv_stride, b, hk);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = k0 + warp * 16 + g + r * 8;
+    if (j >= p.k_len) continue;
+    T* dkr = dkb + int64_t(j) * p.dk_stride[2];
+    T* dvr = dvb + int64_t(j) * p.dv_stride[2];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(dkr + n * 8 + 2 * tq) =
+          Elem<T>::pack(acc_dk[n][2 * r] * p.scale, acc_dk[n][2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvr + n * 8 + 2 * tq) =
+          Elem<T>::pack(acc_dv[n][2 * r], acc_dv[n][2 * r + 1]);
+    }
+  }
+}
+
+template <class T, int D>
+cudaError_t launch_backward_prepare(const AttnParams& p, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.q_len;
+  if (rows == 0) return cudaSuccess;
+  constexpr int kRowsPerBlock = 8;
+  backward_prepare_kernel<T, D>
+      <<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T, int D>
+cudaError_t launch_dq(const AttnParams& p, cudaStream_t stream) {
+  using Tr = DqTraits<D>;
+  auto kernel = attention_dq_kernel<T, D>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       Tr::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  const dim3 grid((p.q_len + Tr::kBlockQ - 1) / Tr::kBlockQ, p.heads_q, p.batch);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T, int D>
+cudaError_t launch_dkdv(const AttnParams& p, cudaStream_t stream) {
+  using Tr = DkdvTraits<D>;
+  auto kernel = attention_dkdv_kernel<T, D>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       Tr::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  const dim3 grid((p.k_len + Tr::kBlockK - 1) / Tr::kBlockK, p.heads_kv, p.batch);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace spattn::cuda

@@ -1,0 +1,238 @@
+// CUDA backend entry points: turn a validated AttentionProblem into AttnParams, pick the tile
+// source (dense / native plan / generic plan) and the kernel variant, launch on the caller's
+// stream. Nothing here synchronises with the host: workspace comes from the stream-ordered
+// allocator and the transposed plan is built on the device.
+#include "cuda/cuda_attention.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <string>
+
+#include "cuda/launch.hpp"
+#include "spattn/error.hpp"
+
+namespace spattn::cuda {
+namespace {
+
+void check(cudaError_t e, const char* where, const char* what) {
+  if (e == cudaSuccess) return;
+  std::string hint;
+  if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction)
+    hint = " (spattn's CUDA kernels are built for compute capability 9.0; set "
+           "CMAKE_CUDA_ARCHITECTURES for other GPUs)";
+  detail::throw_error(where, ": CUDA ", what, " failed: ", cudaGetErrorName(e), ": ",
+                      cudaGetErrorString(e), hint);
+}
+
+// Makes the tensors' device current for the duration of a call.
+class DeviceGuard {
+ public:
+  DeviceGuard(int device, const char* where) {
+    check(cudaGetDevice(&previous_), where, "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), where, "cudaSetDevice");
+    restore_ = previous_ != device;
+  }
+  ~DeviceGuard() {
+    if (restore_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool restore_ = false;
+};
+
+// Stream-ordered scratch memory, released on the same stream.
+class Workspace {
+ public:
+  Workspace(size_t bytes, cudaStream_t stream, const char* where) : stream_(stream) {
+    if (bytes > 0) check(cudaMallocAsync(&ptr_, bytes, stream), where, "cudaMallocAsync (workspace)");
+  }
+  ~Workspace() {
+    if (ptr_) cudaFreeAsync(ptr_, stream_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  unsigned char* get() const { return static_cast<unsigned char*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// Kernels move rows as 16-byte vectors: pointers 16-byte aligned, strides multiples of 8.
+void set_tensor(const char* where, const char* name, const TensorRef& t, const void*& ptr,
+                int64_t* stride) {
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.stride[0] % 8 == 0 &&
+                       t.stride[1] % 8 == 0 && t.stride[2] % 8 == 0;
+  SPATTN_CHECK(aligned || t.numel() == 0, where, ": ", name,
+               " must be 16-byte aligned with batch, head and row strides that are multiples "
+               "of 8 elements for the CUDA backend; got strides (",
+               t.stride[0], ", ", t.stride[1], ", ", t.stride[2], ", ", t.stride[3],
+               ") at address ", t.data);
+  ptr = t.data;
+  for (int d = 0; d < 3; ++d) stride[d] = t.stride[d];
+}
+
+int32_t clamp_offset(int64_t d) {
+  return int32_t(std::clamp<int64_t>(d, -kOffsetUnbounded, kOffsetUnbounded));
+}
+
+PlanArgs plan_args(const PlanView& v) {
+  PlanArgs a;
+  a.index = v.kv_index;
+  a.num_full = v.num_full;
+  a.num_partial = v.num_partial;
+  a.capacity = v.capacity;
+  a.batch = int32_t(v.geo.batch);
+  a.heads = int32_t(v.geo.heads);
+  a.rows = int32_t(v.geo.num_q_blocks());
+  a.block_q = v.geo.block_q;
+  a.block_k = v.geo.block_k;
+  return a;
+}
+
+AttnParams common_params(const char* where, const detail::AttentionProblem& p,
+                         const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                         const TensorRef& out, const TensorRef& lse) {
+  SPATTN_CHECK(p.q_len < INT_MAX / 2 && p.k_len < INT_MAX / 2 && p.batch <= 65535 &&
+                   p.heads_q <= 65535,
+               where, ": the CUDA backend takes sequences shorter than 2^30 and at most 65535 "
+               "batches and heads; got q_len ", p.q_len, ", k_len ", p.k_len, ", batch ",
+               p.batch, ", heads ", p.heads_q);
+  AttnParams a;
+  const void* ptr = nullptr;
+  set_tensor(where, "q", q, a.q, a.q_stride);
+  set_tensor(where, "k", k, a.k, a.k_stride);
+  set_tensor(where, "v", v, a.v, a.v_stride);
+  set_tensor(where, "out", out, ptr, a.o_stride);
+  a.out = const_cast<void*>(ptr);
+  a.lse = static_cast<float*>(lse.data);
+  for (int d = 0; d < 3; ++d) a.lse_stride[d] = lse.stride[d];
+  a.batch = int32_t(p.batch);
+  a.heads_q = int32_t(p.heads_q);
+  a.heads_kv = int32_t(p.heads_kv);
+  a.group = int32_t(p.group_size());
+  a.q_len = int32_t(p.q_len);
+  a.k_len = int32_t(p.k_len);
+  a.scale = float(p.scale);
+  a.scale_log2 = float(p.scale * 1.4426950408889634);
+  a.d_lo = clamp_offset(p.rule.min_offset());
+  a.d_hi = clamp_offset(p.rule.max_offset());
+  if (p.plan == nullptr) {
+    a.source = TileSource::dense;
+  } else {
+    a.plan = plan_args(*p.plan);
+    // Kernel tiles are 128 query rows (forward, dq) and 64 keys: a plan whose blocks are at
+    // least that large is walked row by row; smaller blocks take the generic path.
+    a.source = p.plan->geo.block_q >= 128 && p.plan->geo.block_k >= 64 ? TileSource::native
+                                                                       : TileSource::generic;
+  }
+  return a;
+}
+
+struct Variant {
+  Launcher forward, dq, dkdv, prepare;
+};
+
+Variant variant(DType dtype, int64_t dim) {
+#define SPATTN_CUDA_PICK(elt, d)                                                      \
+  if (dtype == (Elt::elt == Elt::bf16 ? DType::bfloat16 : DType::float16) && dim == d) \
+    return {forward_##elt##_d##d, backward_dq_##elt##_d##d, backward_dkdv_##elt##_d##d,  \
+            backward_prepare_##elt##_d##d};
+  SPATTN_CUDA_VARIANTS(SPATTN_CUDA_PICK)
+#undef SPATTN_CUDA_PICK
+  detail::throw_error("spattn::cuda: no kernel for dtype ", dtype_name(dtype), ", head dim ", dim);
+}
+
+}  // namespace
+
+bool available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return false;
+  }
+  return n > 0;
+}
+
+Support supports(DType dtype, int64_t dim_qk, int64_t dim_v) {
+  if (dtype != DType::bfloat16 && dtype != DType::float16)
+    return {false, std::string("the CUDA backend takes bfloat16 and float16 inputs; got ") +
+                       dtype_name(dtype)};
+  if (dim_qk != dim_v || (dim_qk != 64 && dim_qk != 128))
+    return {false, "the CUDA backend supports head dims 64 and 128 with equal q/k and v head "
+                   "dims; got (" + std::to_string(dim_qk) + ", " + std::to_string(dim_v) + ")"};
+  return {};
+}
+
+void forward(const detail::AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+             const TensorRef& v, const TensorRef& out, const TensorRef& lse) {
+  constexpr const char* where = "forward";
+  const Support s = supports(p.dtype, p.dim_qk, p.dim_v);
+  SPATTN_CHECK(s.ok, where, ": ", s.reason);
+  if (p.batch == 0 || p.heads_q == 0 || p.q_len == 0) return;
+  DeviceGuard guard(q.device.index, where);
+  const AttnParams a = common_params(where, p, q, k, v, out, lse);
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  check(variant(p.dtype, p.dim_qk).forward(a, stream), where, "forward kernel launch");
+}
+
+void backward(const detail::AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+              const TensorRef& v, const TensorRef& out, const TensorRef& lse,
+              const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
+              const TensorRef& dv) {
+  constexpr const char* where = "backward";
+  const Support s = supports(p.dtype, p.dim_qk, p.dim_v);
+  SPATTN_CHECK(s.ok, where, ": ", s.reason);
+  if (p.batch == 0 || p.heads_kv == 0) return;
+  DeviceGuard guard(q.device.index, where);
+  AttnParams a = common_params(where, p, q, k, v, out, lse);
+  const void* ptr = nullptr;
+  set_tensor(where, "dout", dout, a.dout, a.do_stride);
+  set_tensor(where, "dq", dq, ptr, a.dq_stride);
+  a.dq = const_cast<void*>(ptr);
+  set_tensor(where, "dk", dk, ptr, a.dk_stride);
+  a.dk = const_cast<void*>(ptr);
+  set_tensor(where, "dv", dv, ptr, a.dv_stride);
+  a.dv = const_cast<void*>(ptr);
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  const Variant kern = variant(p.dtype, p.dim_qk);
+
+  // Workspace: lse2 and delta (B, Hq, Nq) float32, then the transposed plan (native only).
+  const size_t rows = size_t(p.batch) * p.heads_q * p.q_len;
+  const size_t stat_bytes = (rows * sizeof(float) + 255) / 256 * 256;
+  size_t tplan_rows = 0, tplan_cap = 0;
+  if (a.source == TileSource::native) {
+    tplan_rows = size_t(a.plan.batch) * a.plan.heads * p.plan->geo.num_k_blocks();
+    tplan_cap = size_t(std::max<int64_t>(p.plan->geo.num_q_blocks(), 1));
+  }
+  const size_t tplan_bytes = tplan_rows * (tplan_cap + 2) * sizeof(int32_t);
+  Workspace ws(2 * stat_bytes + tplan_bytes, stream, where);
+  a.lse2 = reinterpret_cast<float*>(ws.get());
+  a.delta = reinterpret_cast<float*>(ws.get() + stat_bytes);
+  if (a.source == TileSource::native) {
+    auto* base = reinterpret_cast<int32_t*>(ws.get() + 2 * stat_bytes);
+    a.tplan = a.plan;
+    a.tplan.index = base;
+    a.tplan.num_full = base + tplan_rows * tplan_cap;
+    a.tplan.num_partial = base + tplan_rows * (tplan_cap + 1);
+    a.tplan.capacity = int64_t(tplan_cap);
+    a.tplan.rows = int32_t(p.plan->geo.num_k_blocks());
+    check(transpose_plan(a.plan, a.tplan.rows, const_cast<int32_t*>(a.tplan.index),
+                         const_cast<int32_t*>(a.tplan.num_full),
+                         const_cast<int32_t*>(a.tplan.num_partial), stream),
+          where, "plan transpose kernel launch");
+  }
+  if (p.q_len > 0 && p.heads_q > 0) {
+    check(kern.prepare(a, stream), where, "backward preparation kernel launch");
+    check(kern.dq(a, stream), where, "dq kernel launch");
+  }
+  if (p.k_len > 0) check(kern.dkdv(a, stream), where, "dk/dv kernel launch");
+}
+
+}  // namespace spattn::cuda
