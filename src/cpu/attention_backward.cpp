@@ -63,11 +63,14 @@ void dq_pass(const detail::AttentionProblem& p, const PlanGeometry& geo, const T
   const int64_t D = p.dim_qk, Dv = p.dim_v, G = p.group_size();
   const int64_t tasks = p.batch * p.heads_q * nqb;
   const A scale_log2 = A(p.scale * kLog2e);
+  const int threads = thread_count(p);
+  const PackedBlocks<A> kt = pack_blocks<S, A>(k, bk, true, threads);   // (B, Hkv, nkb, D, bk)
+  const PackedBlocks<A> kr = pack_blocks<S, A>(k, bk, false, threads);  // (B, Hkv, nkb, bk, D)
+  const PackedBlocks<A> vt = pack_blocks<S, A>(v, bk, true, threads);   // (B, Hkv, nkb, Dv, bk)
 
-#pragma omp parallel num_threads(thread_count(p))
+#pragma omp parallel num_threads(threads)
   {
-    Buffer<A> qbuf(bq * D), dob(bq * Dv), kt(D * bk), kr(bk * D), vt(Dv * bk), s(bq * bk),
-        dp(bq * bk), acc(bq * D), lse2(bq), scratch(std::max(D, Dv));
+    Buffer<A> qbuf(bq * D), dob(bq * Dv), s(bq * bk), dp(bq * bk), acc(bq * D), lse2(bq);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t qb = t % nqb, hq = (t / nqb) % p.heads_q, b = t / (nqb * p.heads_q);
@@ -81,11 +84,9 @@ void dq_pass(const detail::AttentionProblem& p, const PlanGeometry& geo, const T
 
       for_each_kv_tile(p, geo, b, hq, qb, [&](int64_t kb, bool partial) {
         const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0);
-        load_tile_transposed<S>(k, b, hk, k0, cols, D, kt.get(), bk, scratch.get());   // (D, bk)
-        load_tile<S>(k, b, hk, k0, cols, D, kr.get(), D);                             // (bk, D)
-        load_tile_transposed<S>(v, b, hk, k0, cols, Dv, vt.get(), bk, scratch.get());  // (Dv, bk)
-        kernel::gemm(rows, cols, D, qbuf.get(), D, kt.get(), bk, s.get(), bk, false);   // S
-        kernel::gemm(rows, cols, Dv, dob.get(), Dv, vt.get(), bk, dp.get(), bk, false);  // dP
+        kernel::gemm(rows, cols, D, qbuf.get(), D, kt.at(b, hk, kb), bk, s.get(), bk, false);  // S
+        kernel::gemm(rows, cols, Dv, dob.get(), Dv, vt.at(b, hk, kb), bk, dp.get(), bk,
+                     false);  // dP
         for (int64_t i = 0; i < rows; ++i) {
           A* srow = s.get() + i * bk;
           if (partial) {
@@ -98,7 +99,8 @@ void dq_pass(const detail::AttentionProblem& p, const PlanGeometry& geo, const T
           const A di = dl[i];
           for (int64_t j = 0; j < cols; ++j) dprow[j] = srow[j] * (dprow[j] - di);  // dS
         }
-        kernel::gemm(rows, D, cols, dp.get(), bk, kr.get(), D, acc.get(), D, true);  // dQ += dS K
+        kernel::gemm(rows, D, cols, dp.get(), bk, kr.at(b, hk, kb), D, acc.get(), D,
+                     true);  // dQ += dS K
       });
       for (int64_t i = 0; i < rows; ++i)
         kernel::store_row(acc.get() + i * D, row_ptr<S>(dq, b, hq, q0 + i), D, A(p.scale));
@@ -115,12 +117,21 @@ void dkdv_pass(const detail::AttentionProblem& p, const PlanGeometry& geo,
   const int64_t D = p.dim_qk, Dv = p.dim_v, G = p.group_size();
   const int64_t tasks = p.batch * p.heads_kv * nkb;
   const A scale_log2 = A(p.scale * kLog2e);
+  const int threads = thread_count(p);
+  const PackedBlocks<A> qt = pack_blocks<S, A>(q, bq, true, threads);      // (B, Hq, nqb, D, bq)
+  const PackedBlocks<A> qr = pack_blocks<S, A>(q, bq, false, threads);     // (B, Hq, nqb, bq, D)
+  const PackedBlocks<A> dot = pack_blocks<S, A>(dout, bq, true, threads);  // (B, Hq, nqb, Dv, bq)
+  const PackedBlocks<A> dor = pack_blocks<S, A>(dout, bq, false, threads); // (B, Hq, nqb, bq, Dv)
+  // lse in log2 units (B, Hq, Nq), +inf for empty rows.
+  Buffer<A> lse2_all(p.batch * p.heads_q * p.q_len);
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.heads_q; ++h)
+      load_lse2(lse, b, h, 0, p.q_len, lse2_all.get() + (b * p.heads_q + h) * p.q_len);
 
-#pragma omp parallel num_threads(thread_count(p))
+#pragma omp parallel num_threads(threads)
   {
-    Buffer<A> kbuf(bk * D), vbuf(bk * Dv), qt(D * bq), qr(bq * D), dot(Dv * bq), dor(bq * Dv),
-        s(bk * bq), dp(bk * bq), dk_acc(bk * D), dv_acc(bk * Dv), lse2(bq),
-        scratch(std::max(D, Dv));
+    Buffer<A> kbuf(bk * D), vbuf(bk * Dv), s(bk * bq), dp(bk * bq), dk_acc(bk * D),
+        dv_acc(bk * Dv);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t kb = t % nkb, hk = (t / nkb) % p.heads_kv, b = t / (nkb * p.heads_kv);
@@ -132,16 +143,15 @@ void dkdv_pass(const detail::AttentionProblem& p, const PlanGeometry& geo,
 
       for (int64_t hq = hk * G; hq < (hk + 1) * G; ++hq) {
         const A* dl_head = delta.data() + (b * p.heads_q + hq) * p.q_len;
+        const A* lse2_head = lse2_all.get() + (b * p.heads_q + hq) * p.q_len;
         for_each_q_tile(p, geo, tplan, b, hq, kb, [&](int64_t qb, bool partial) {
           const int64_t q0 = qb * bq, qcols = std::min(bq, p.q_len - q0);
           const A* dl = dl_head + q0;  // (qcols)
-          load_tile_transposed<S>(q, b, hq, q0, qcols, D, qt.get(), bq, scratch.get());      // (D, bq)
-          load_tile<S>(q, b, hq, q0, qcols, D, qr.get(), D);                                 // (bq, D)
-          load_tile_transposed<S>(dout, b, hq, q0, qcols, Dv, dot.get(), bq, scratch.get());  // (Dv, bq)
-          load_tile<S>(dout, b, hq, q0, qcols, Dv, dor.get(), Dv);                           // (bq, Dv)
-          load_lse2(lse, b, hq, q0, qcols, lse2.get());
-          kernel::gemm(krows, qcols, D, kbuf.get(), D, qt.get(), bq, s.get(), bq, false);     // Sᵀ
-          kernel::gemm(krows, qcols, Dv, vbuf.get(), Dv, dot.get(), bq, dp.get(), bq, false);  // dPᵀ
+          const A* lse2 = lse2_head + q0;  // (qcols)
+          kernel::gemm(krows, qcols, D, kbuf.get(), D, qt.at(b, hq, qb), bq, s.get(), bq,
+                       false);  // Sᵀ (krows, qcols)
+          kernel::gemm(krows, qcols, Dv, vbuf.get(), Dv, dot.at(b, hq, qb), bq, dp.get(), bq,
+                       false);  // dPᵀ (krows, qcols)
           for (int64_t j = 0; j < krows; ++j) {
             A* srow = s.get() + j * bq;
             if (partial) {
@@ -149,12 +159,14 @@ void dkdv_pass(const detail::AttentionProblem& p, const PlanGeometry& geo,
               allowed_queries(p.rule, k0 + j, p.q_len, p.k_len, q0, q0 + qcols, lo, hi);
               mask_outside(srow, qcols, lo - q0, hi - q0);
             }
-            kernel::exp2_row_sub(srow, qcols, scale_log2, lse2.get());  // Pᵀ
+            kernel::exp2_row_sub(srow, qcols, scale_log2, lse2);  // Pᵀ
             A* dprow = dp.get() + j * bq;
             for (int64_t i = 0; i < qcols; ++i) dprow[i] = srow[i] * (dprow[i] - dl[i]);  // dSᵀ
           }
-          kernel::gemm(krows, Dv, qcols, s.get(), bq, dor.get(), Dv, dv_acc.get(), Dv, true);  // dV += Pᵀ dO
-          kernel::gemm(krows, D, qcols, dp.get(), bq, qr.get(), D, dk_acc.get(), D, true);     // dK += dSᵀ Q
+          kernel::gemm(krows, Dv, qcols, s.get(), bq, dor.at(b, hq, qb), Dv, dv_acc.get(), Dv,
+                       true);  // dV += Pᵀ dO
+          kernel::gemm(krows, D, qcols, dp.get(), bq, qr.at(b, hq, qb), D, dk_acc.get(), D,
+                       true);  // dK += dSᵀ Q
         });
       }
       for (int64_t j = 0; j < krows; ++j) {

@@ -84,11 +84,13 @@ void forward_convert(const detail::AttentionProblem& p, const TensorRef& q, cons
   const int64_t dq = p.dim_qk, dv = p.dim_v, G = p.group_size();
   const int64_t tasks = p.batch * p.heads_q * nqb;
   const A scale_log2 = A(p.scale) * A(1.44269504088896340735992468100189214);
+  const int threads = thread_count(p);
+  const PackedBlocks<A> kt = pack_blocks<S, A>(k, bk, true, threads);   // (B, Hkv, nkb, Dqk, bk)
+  const PackedBlocks<A> vb = pack_blocks<S, A>(v, bk, false, threads);  // (B, Hkv, nkb, bk, Dv)
 
-#pragma omp parallel num_threads(thread_count(p))
+#pragma omp parallel num_threads(threads)
   {
-    Buffer<A> qbuf(bq * dq), kt(dq * bk), vbuf(bk * dv), s(bq * bk), o(bq * dv), m(bq), l(bq),
-        scratch(std::max(dq, dv));
+    Buffer<A> qbuf(bq * dq), s(bq * bk), o(bq * dv), m(bq), l(bq);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t qb = t % nqb, hq = (t / nqb) % p.heads_q, b = t / (nqb * p.heads_q);
@@ -102,9 +104,8 @@ void forward_convert(const detail::AttentionProblem& p, const TensorRef& q, cons
 
       for_each_kv_tile(p, geo, b, hq, qb, [&](int64_t kb, bool partial) {
         const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0);
-        load_tile_transposed<S>(k, b, hk, k0, cols, dq, kt.get(), bk, scratch.get());  // (Dqk, bk)
-        load_tile<S>(v, b, hk, k0, cols, dv, vbuf.get(), dv);                         // (bk, Dv)
-        kernel::gemm(rows, cols, dq, qbuf.get(), dq, kt.get(), bk, s.get(), bk, false);  // (rows, cols)
+        kernel::gemm(rows, cols, dq, qbuf.get(), dq, kt.at(b, hk, kb), bk, s.get(), bk,
+                     false);  // S (rows, cols)
         if (partial)
           for (int64_t i = 0; i < rows; ++i) {
             int64_t lo, hi;
@@ -112,7 +113,8 @@ void forward_convert(const detail::AttentionProblem& p, const TensorRef& q, cons
             mask_outside(s.get() + i * bk, cols, lo - k0, hi - k0);
           }
         online_softmax(s.get(), bk, rows, cols, scale_log2, dv, st);
-        kernel::gemm(rows, dv, cols, s.get(), bk, vbuf.get(), dv, o.get(), dv, true);  // (rows, Dv)
+        kernel::gemm(rows, dv, cols, s.get(), bk, vb.at(b, hk, kb), dv, o.get(), dv,
+                     true);  // O += P V (rows, Dv)
       });
       finish_rows<S>(p, out, lse, b, hq, q0, rows, st);
     }
@@ -135,10 +137,39 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
   const int64_t dq2 = (dq + 1) / 2, bk2 = (bk + 1) / 2;
   const int64_t tasks = p.batch * p.heads_q * nqb;
   const float scale_log2 = float(p.scale) * 1.44269504088896340736f;
+  const int threads = thread_count(p);
+  const int64_t nkb = geo.num_k_blocks(), kv_tiles = p.batch * p.heads_kv * nkb;
+  // K transposed in units of pairs along Dqk (B, Hkv, nkb, Dqk/2, bk); V with rows 2·j and
+  // 2·j+1 interleaved (B, Hkv, nkb, bk/2, Dv): the operand layouts vdpbf16ps wants.
+  Buffer<uint32_t> kt(kv_tiles * dq2 * bk), vp(kv_tiles * bk2 * dv);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t idx = 0; idx < kv_tiles; ++idx) {
+    const int64_t kb = idx % nkb, hk = (idx / nkb) % p.heads_kv, b = idx / (nkb * p.heads_kv);
+    const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0), cols2 = (cols + 1) / 2;
+    uint32_t* kdst = kt.get() + idx * dq2 * bk;
+    for (int64_t j = 0; j < cols; ++j) {
+      const bfloat16* src = row_ptr<const bfloat16>(k, b, hk, k0 + j);
+      for (int64_t d2 = 0; d2 < dq2; ++d2) kdst[d2 * bk + j] = pair_bits(src, 2 * d2, dq);
+    }
+    for (int64_t j2 = 0; j2 < cols2; ++j2) {
+      const uint16_t* r0 = &row_ptr<const bfloat16>(v, b, hk, k0 + 2 * j2)->bits;
+      const uint16_t* r1 =
+          2 * j2 + 1 < cols ? &row_ptr<const bfloat16>(v, b, hk, k0 + 2 * j2 + 1)->bits : nullptr;
+      uint32_t* dst = vp.get() + (idx * bk2 + j2) * dv;
+      int64_t c = 0;
+      if (r1 != nullptr)
+        for (; c + 16 <= dv; c += 16) {
+          const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r0 + c)));
+          const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r1 + c)));
+          _mm512_storeu_si512(dst + c, _mm512_or_si512(a, _mm512_slli_epi32(h, 16)));
+        }
+      for (; c < dv; ++c) dst[c] = uint32_t(r0[c]) | (r1 ? uint32_t(r1[c]) << 16 : 0u);
+    }
+  }
 
-#pragma omp parallel num_threads(thread_count(p))
+#pragma omp parallel num_threads(threads)
   {
-    Buffer<uint32_t> qbuf(bq * dq2), kt(dq2 * bk), vp(bk2 * dv), pb(bq * bk2);
+    Buffer<uint32_t> qbuf(bq * dq2), pb(bq * bk2);
     Buffer<float> s(bq * bk), o(bq * dv), m(bq), l(bq);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -156,25 +187,9 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
 
       for_each_kv_tile(p, geo, b, hq, qb, [&](int64_t kb, bool partial) {
         const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0), cols2 = (cols + 1) / 2;
-        for (int64_t j = 0; j < cols; ++j) {  // (Dqk/2, bk): K transposed in units of pairs
-          const bfloat16* src = row_ptr<const bfloat16>(k, b, hk, k0 + j);
-          for (int64_t d2 = 0; d2 < dq2; ++d2) kt.get()[d2 * bk + j] = pair_bits(src, 2 * d2, dq);
-        }
-        for (int64_t j2 = 0; j2 < cols2; ++j2) {  // (bk/2, Dv): rows 2·j2 and 2·j2+1 interleaved
-          const uint16_t* r0 = &row_ptr<const bfloat16>(v, b, hk, k0 + 2 * j2)->bits;
-          const uint16_t* r1 =
-              2 * j2 + 1 < cols ? &row_ptr<const bfloat16>(v, b, hk, k0 + 2 * j2 + 1)->bits : nullptr;
-          uint32_t* dst = vp.get() + j2 * dv;
-          int64_t c = 0;
-          if (r1 != nullptr)
-            for (; c + 16 <= dv; c += 16) {
-              const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r0 + c)));
-              const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r1 + c)));
-              _mm512_storeu_si512(dst + c, _mm512_or_si512(a, _mm512_slli_epi32(h, 16)));
-            }
-          for (; c < dv; ++c) dst[c] = uint32_t(r0[c]) | (r1 ? uint32_t(r1[c]) << 16 : 0u);
-        }
-        kernel::gemm_bf16(rows, cols, dq2, qbuf.get(), dq2, kt.get(), bk, s.get(), bk, false);
+        const int64_t tile = (b * p.heads_kv + hk) * nkb + kb;
+        kernel::gemm_bf16(rows, cols, dq2, qbuf.get(), dq2, kt.get() + tile * dq2 * bk, bk, s.get(),
+                          bk, false);  // S (rows, cols)
         if (partial)
           for (int64_t i = 0; i < rows; ++i) {
             int64_t lo, hi;
@@ -197,7 +212,8 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
             prow[j / 2] = lo | (hi << 16);
           }
         }
-        kernel::gemm_bf16(rows, dv, cols2, pb.get(), bk2, vp.get(), dv, o.get(), dv, true);
+        kernel::gemm_bf16(rows, dv, cols2, pb.get(), bk2, vp.get() + tile * bk2 * dv, dv, o.get(),
+                          dv, true);  // O += P V (rows, Dv)
       });
       finish_rows<bfloat16>(p, out, lse, b, hq, q0, rows, st);
     }

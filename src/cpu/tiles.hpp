@@ -139,4 +139,39 @@ struct Buffer {
   T* get() const { return data.get(); }
 };
 
+// Every block of `block` rows of each (b, h) of a (B, H, N, D) view, converted to A and packed
+// once per call so that tasks revisiting a block (one per query block, or per kv block) only read
+// it: (B, H, num_blocks, block, D) row-major, or (B, H, num_blocks, D, block) transposed.
+// The extra memory is O(B·H·N·D).
+template <class A>
+struct PackedBlocks {
+  Buffer<A> data;
+  int64_t heads = 0, num_blocks = 0, tile = 0;
+  const A* at(int64_t b, int64_t h, int64_t blk) const {
+    return data.get() + ((b * heads + h) * num_blocks + blk) * tile;
+  }
+};
+
+template <class S, class A>
+PackedBlocks<A> pack_blocks(const TensorRef& t, int64_t block, bool transposed, int threads) {
+  const int64_t B = t.shape[0], H = t.shape[1], N = t.shape[2], D = t.shape[3];
+  const int64_t nb = (N + block - 1) / block;
+  PackedBlocks<A> packed{Buffer<A>(B * H * nb * block * D), H, nb, block * D};
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<A> scratch(D);
+#pragma omp for schedule(static)
+    for (int64_t idx = 0; idx < B * H * nb; ++idx) {
+      const int64_t blk = idx % nb, h = (idx / nb) % H, b = idx / (nb * H);
+      const int64_t n0 = blk * block, rows = std::min(block, N - n0);
+      A* dst = packed.data.get() + idx * packed.tile;
+      if (transposed)
+        load_tile_transposed<S>(t, b, h, n0, rows, D, dst, block, scratch.get());  // (D, block)
+      else
+        load_tile<S>(t, b, h, n0, rows, D, dst, D);  // (block, D)
+    }
+  }
+  return packed;
+}
+
 }  // namespace spattn::cpu
