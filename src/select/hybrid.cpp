@@ -6,7 +6,7 @@
 //   score:         acc = fma(q̄[d], k̄[d], acc) for d ascending from acc = 0, then × scale
 //   softmax:       m = max over allowed; e = expf(s - m)
 //   ranking:       descending score (per head) or weight (per group), ties to the lower index
-//   Top-p mass:    prefix sums of e in ranked order compared with p × (sum of e in ranked order)
+//   Top-p mass:    prefix sums of e in ranked order compared with p × (sum of e in block order)
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -23,6 +23,15 @@ namespace {
 template <class T>
 void accumulate_tokens(const T* base, int64_t token_stride, int64_t elem_stride, int64_t count,
                        int64_t dim, float* sum /* (dim) */) {
+  // The unit-stride case (every layout attention accepts) gets its own loop so it vectorises;
+  // the order of additions per element is the same in both: tokens ascending.
+  if (elem_stride == 1) {
+    for (int64_t t = 0; t < count; ++t) {
+      const T* row = base + t * token_stride;
+      for (int64_t d = 0; d < dim; ++d) sum[d] += load_as_float(row[d]);
+    }
+    return;
+  }
   for (int64_t t = 0; t < count; ++t) {
     const T* row = base + t * token_stride;
     for (int64_t d = 0; d < dim; ++d) sum[d] += load_as_float(row[d * elem_stride]);
@@ -148,7 +157,7 @@ Pooled pool_inputs(const char* where, const TensorRef& q, const TensorRef& k,
 
 // Per-thread buffers for one row.
 struct RowScratch {
-  std::vector<float> score, weight, acc;  // (nkb)
+  std::vector<float> key, weight, acc;  // (nkb)
   std::vector<int32_t> order;             // allowed kv blocks, ranked
 };
 
@@ -164,11 +173,12 @@ void score_row(const Pooled& p, const float* qbar, const float* kt, float* s) {
   for (int64_t kb = 0; kb < nkb; ++kb) s[kb] *= p.scale;
 }
 
-// Fills r.order with the row's allowed kv blocks in ranked order and r.weight with their
-// unnormalised softmax weights (per head) or the combined group probabilities; returns the
-// number of allowed blocks. `probs` (nkb), when not null, receives the row distribution.
-int64_t rank_row(const Pooled& p, GqaPlan gqa, int64_t b, int64_t h, int64_t qb, RowScratch& r,
-                 float* probs) {
+// Fills r.order with the row's allowed kv blocks (ascending), r.key with what ranks them (the
+// score per head; the combined probability per group) and r.weight with their softmax weights
+// (unnormalised per head, combined probabilities per group); returns the number of allowed
+// blocks. `probs` (nkb), when not null, receives the row distribution.
+int64_t score_and_weigh(const Pooled& p, GqaPlan gqa, int64_t b, int64_t h, int64_t qb,
+                        RowScratch& r, float* probs) {
   const int64_t nkb = p.nkb, D = p.dim;
   const uint8_t* allowed = p.allowed.data() + qb * nkb;
   r.order.clear();
@@ -182,14 +192,11 @@ int64_t rank_row(const Pooled& p, GqaPlan gqa, int64_t b, int64_t h, int64_t qb,
   if (gqa == GqaPlan::per_query_head) {
     const int64_t hkv = h / group;
     score_row(p, p.q.data() + ((b * p.heads_q + h) * p.nqb + qb) * D,
-              p.kt.data() + (b * p.heads_kv + hkv) * D * nkb, r.score.data());
+              p.kt.data() + (b * p.heads_kv + hkv) * D * nkb, r.key.data());
     float m = -INFINITY;
-    for (int32_t kb : r.order) m = std::max(m, r.score[kb]);
-    for (int32_t kb : r.order) r.weight[kb] = std::exp(r.score[kb] - m);
+    for (int32_t kb : r.order) m = std::max(m, r.key[kb]);
     // Rank by the score itself: expf may map distinct scores to one weight.
-    const float* s = r.score.data();
-    std::sort(r.order.begin(), r.order.end(),
-              [s](int32_t a, int32_t c) { return s[a] > s[c] || (s[a] == s[c] && a < c); });
+    for (int32_t kb : r.order) r.weight[kb] = std::exp(r.key[kb] - m);
     if (probs) {
       float z = 0.0f;
       for (int32_t kb : r.order) z += r.weight[kb];
@@ -204,12 +211,12 @@ int64_t rank_row(const Pooled& p, GqaPlan gqa, int64_t b, int64_t h, int64_t qb,
   for (int64_t g = 0; g < group; ++g) {
     const int64_t hq = h * group + g;
     score_row(p, p.q.data() + ((b * p.heads_q + hq) * p.nqb + qb) * D,
-              p.kt.data() + (b * p.heads_kv + h) * D * nkb, r.score.data());
+              p.kt.data() + (b * p.heads_kv + h) * D * nkb, r.key.data());
     float m = -INFINITY;
-    for (int32_t kb : r.order) m = std::max(m, r.score[kb]);
+    for (int32_t kb : r.order) m = std::max(m, r.key[kb]);
     float z = 0.0f;
     for (int32_t kb : r.order) {
-      r.weight[kb] = std::exp(r.score[kb] - m);
+      r.weight[kb] = std::exp(r.key[kb] - m);
       z += r.weight[kb];
     }
     for (int32_t kb : r.order) {
@@ -219,39 +226,51 @@ int64_t rank_row(const Pooled& p, GqaPlan gqa, int64_t b, int64_t h, int64_t qb,
   }
   if (gqa == GqaPlan::group_mean)
     for (int32_t kb : r.order) r.acc[kb] /= float(group);
-  for (int32_t kb : r.order) r.weight[kb] = r.acc[kb];
-  const float* w = r.weight.data();
-  std::sort(r.order.begin(), r.order.end(),
-            [w](int32_t a, int32_t c) { return w[a] > w[c] || (w[a] == w[c] && a < c); });
+  for (int32_t kb : r.order) r.weight[kb] = r.key[kb] = r.acc[kb];
   if (probs)
     for (int32_t kb : r.order) probs[kb] = r.weight[kb];
   return n;
 }
 
-// Length of the kept prefix of the ranked row: max(Top-k count, Top-p count).
-int64_t kept_prefix(const RowScratch& r, int64_t n, double top_k, double top_p) {
-  int64_t keep = 0;
+// The kept blocks of a scored row: the first max(Top-k count, Top-p count) blocks of the
+// ranking (key descending, ties to the lower index). Both halves are prefixes of one ranking, so
+// their union is the longer prefix. The ranking is produced lazily from a heap: a row usually
+// keeps a few blocks out of hundreds, and popping c of n costs O(n + c log n) instead of a sort.
+void kept_prefix(RowScratch& r, double top_k, double top_p, std::vector<int32_t>& kept) {
+  kept.clear();
+  const int64_t n = int64_t(r.order.size());
+  if (n == 0) return;
+  int64_t count = 0;
   if (top_k > 0.0) {
     // k·n within 1e-9 of an integer counts as that integer, so that decimal fractions such as
     // 0.07 × 100 (= 7.000000000000001 in binary) do not round up to one more block.
     const double kn = top_k * double(n);
-    keep = std::clamp<int64_t>(int64_t(std::ceil(kn - 1e-9)), 1, n);
+    count = std::clamp<int64_t>(int64_t(std::ceil(kn - 1e-9)), 1, n);
   }
-  if (top_p >= 1.0) return n;  // in exact arithmetic every block has positive mass
-  if (top_p > 0.0 && keep < n) {
+  if (top_p >= 1.0) count = n;  // in exact arithmetic every block has positive mass
+  const bool mass = top_p > 0.0 && count < n;
+  float threshold = 0.0f;
+  if (mass) {
     float total = 0.0f;
-    for (int64_t s = 0; s < n; ++s) total += r.weight[r.order[s]];
-    const float threshold = float(top_p) * total;
-    float cum = 0.0f;
-    int64_t s = 0;
-    while (s < n) {
-      cum += r.weight[r.order[s]];
-      ++s;
-      if (cum >= threshold) break;
-    }
-    keep = std::max(keep, s);
+    for (int32_t kb : r.order) total += r.weight[kb];  // ascending block order
+    threshold = float(top_p) * total;
   }
-  return keep;
+  const float* key = r.key.data();
+  // "a ranks below c": lower key, or equal key and higher index.
+  auto below = [key](int32_t a, int32_t c) { return key[a] < key[c] || (key[a] == key[c] && a > c); };
+  auto end = r.order.end();
+  std::make_heap(r.order.begin(), end, below);
+  float cum = 0.0f;
+  bool reached = !mass;
+  while (end != r.order.begin() && (int64_t(kept.size()) < count || !reached)) {
+    std::pop_heap(r.order.begin(), end, below);
+    --end;
+    kept.push_back(*end);
+    if (mass) {
+      cum += r.weight[*end];
+      reached = reached || cum >= threshold;
+    }
+  }
 }
 
 int num_threads_of(const HybridOptions& opt) {
@@ -279,7 +298,7 @@ BlockPlan select_hybrid(const TensorRef& q, const TensorRef& k, const HybridOpti
 #pragma omp parallel num_threads(num_threads_of(opt))
   {
     RowScratch r;
-    r.score.resize(size_t(nkb));
+    r.key.resize(size_t(nkb));
     r.weight.resize(size_t(nkb));
     r.acc.resize(size_t(nkb));
     r.order.reserve(size_t(nkb));
@@ -288,11 +307,10 @@ BlockPlan select_hybrid(const TensorRef& q, const TensorRef& k, const HybridOpti
 #pragma omp for schedule(dynamic, 4)
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t qb = row % nqb, h = (row / nqb) % heads, b = row / (nqb * heads);
-      const int64_t n = rank_row(p, opt.gqa, b, h, qb, r, nullptr);
+      score_and_weigh(p, opt.gqa, b, h, qb, r, nullptr);
       const double tk = opt.top_k.size() == 1 ? opt.top_k[0] : opt.top_k[size_t(h)];
       const double tp = opt.top_p.size() == 1 ? opt.top_p[0] : opt.top_p[size_t(h)];
-      const int64_t keep = n > 0 ? kept_prefix(r, n, tk, tp) : 0;
-      kept.assign(r.order.begin(), r.order.begin() + keep);
+      kept_prefix(r, tk, tp, kept);
       for (int64_t kb = 0; kb < std::min(opt.sink_blocks, nkb); ++kb) kept.push_back(int32_t(kb));
       if (opt.local_blocks >= 0) {
         const BlockRange band = diagonal_band(p.geo, qb, opt.local_blocks);
@@ -314,13 +332,13 @@ BlockScores hybrid_block_scores(const TensorRef& q, const TensorRef& k, const Hy
 #pragma omp parallel num_threads(num_threads_of(opt))
   {
     RowScratch r;
-    r.score.resize(size_t(nkb));
+    r.key.resize(size_t(nkb));
     r.weight.resize(size_t(nkb));
     r.acc.resize(size_t(nkb));
 #pragma omp for schedule(dynamic, 4)
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t qb = row % nqb, h = (row / nqb) % heads, b = row / (nqb * heads);
-      rank_row(p, opt.gqa, b, h, qb, r, out.prob.data() + row * nkb);
+      score_and_weigh(p, opt.gqa, b, h, qb, r, out.prob.data() + row * nkb);
     }
   }
   return out;

@@ -90,7 +90,7 @@ std::set<int32_t> naive_row(const Tensor& q, const Tensor& k, const HybridOption
   }
   if (tp > 0) {
     float total = 0.0f;
-    for (int32_t kb : order) total += w[size_t(kb)];
+    for (int32_t kb : allowed) total += w[size_t(kb)];  // ascending block order
     float cum = 0.0f;
     for (int64_t s = 0; s < n; ++s) {
       kept.insert(order[size_t(s)]);
