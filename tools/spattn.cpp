@@ -152,9 +152,11 @@ double now_ms() {
 
 // Inputs with positional structure: features are sinusoids of the token position shared by q
 // and k, so q_i · k_j depends on i - j (local attention) plus per-head noise. Uniform random
-// inputs would pool to nearly constant block means and make every selector look alike.
+// inputs would pool to nearly constant block means and make every selector look alike. Head h
+// takes the phases of head h / group, so the query heads of a GQA group (group = Hq / Hkv)
+// share their kv head's phases.
 Tensor make_input(int64_t B, int64_t H, int64_t N, int64_t D, uint64_t seed, bool smooth,
-                  DType dtype, double noise, uint64_t feature_seed) {
+                  DType dtype, double noise, uint64_t feature_seed, int64_t group = 1) {
   Tensor t = Tensor::empty({B, H, N, D}, DType::float32);
   if (!smooth) {
     fill_uniform(t, seed);
@@ -170,7 +172,7 @@ Tensor make_input(int64_t B, int64_t H, int64_t N, int64_t D, uint64_t seed, boo
         for (int64_t n = 0; n < N; ++n)
           for (int64_t d = 0; d < D; ++d)
             x[((b * H + h) * N + n) * D + d] =
-                float(2.0 * std::sin(double(n) * freq[size_t(d)] + phase[size_t(h * D + d)]) +
+                float(2.0 * std::sin(double(n) * freq[size_t(d)] + phase[size_t((h / group) * D + d)]) +
                       noise * (2.0 * u(rng) - 1.0));
   }
   if (dtype == DType::float32) return t;
@@ -269,7 +271,7 @@ Inputs load_inputs(const Args& a) {
     if (data != "smooth" && data != "random") a.fail("--data must be smooth or random; got '" + data + "'");
     const uint64_t seed = uint64_t(a.integer("seed", 0));
     const DType dt = parse_dtype(a);
-    in.q = make_input(B, H, Nq, D, seed * 3 + 1, data == "smooth", dt, 0.5, seed);
+    in.q = make_input(B, H, Nq, D, seed * 3 + 1, data == "smooth", dt, 0.5, seed, H / Hkv);
     in.k = make_input(B, Hkv, Nk, D, seed * 3 + 2, data == "smooth", dt, 0.5, seed);
   }
   if (a.has("v")) {
@@ -539,7 +541,7 @@ int cmd_bench(int argc, char** argv) {
   std::printf("%8s %7s %10s %10s %10s %8s %8s %9s\n", "N", "threads", "dense_ms", "select_ms",
               "sparse_ms", "density", "speedup", "rel_l1");
   for (int64_t N : lens) {
-    const Tensor q = make_input(B, H, N, D, seed * 3 + 1, true, dt, 0.5, seed);
+    const Tensor q = make_input(B, H, N, D, seed * 3 + 1, true, dt, 0.5, seed, H / Hkv);
     const Tensor k = make_input(B, Hkv, N, D, seed * 3 + 2, true, dt, 0.5, seed);
     const Tensor v = make_input(B, Hkv, N, D, seed * 3 + 3, false, dt, 0, 0);
     for (int64_t th : threads) {
