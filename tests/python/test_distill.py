@@ -18,7 +18,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = os.path.join(ROOT, "python")
-if PY not in sys.path:
+# The source tree's package, unless PYTHONPATH names another spattn (e.g. one with _C built).
+if PY not in sys.path and not any(
+        os.path.isfile(os.path.join(p, "spattn", "__init__.py"))
+        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p):
     sys.path.insert(0, PY)
 
 
@@ -295,9 +298,10 @@ def _real_patch():
 @pytest.mark.skipif(_real_patch() is None, reason="spattn.patch is not available")
 def test_distill_with_spattn_patch(teacher_state):
     from spattn.demo.sparsity import hybrid_config
-    result = distill(_teacher(teacher_state), _data(seed=6), hybrid_config(block=BLOCK),
-                     steps=10, lr=1e-3, progress=False)
+    result = distill(_teacher(teacher_state), _data(seed=6), hybrid_config(0.03, 0.05, BLOCK),
+                     steps=20, lr=1e-3, progress=False)
     losses = result.losses
-    assert sum(losses[-3:]) < sum(losses[:3])
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
     density = result.history[-1]["density"]
-    assert density is not None and 1 - density >= TARGET_SPARSITY - 0.05
+    assert density is not None and 1 - density >= TARGET_SPARSITY - 0.05, density
+    assert result.handle.names  # the attention layers really were patched

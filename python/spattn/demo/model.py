@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -72,21 +72,6 @@ def get_config(name: str, **overrides) -> DiTConfig:
     return replace(cfg, **overrides)
 
 
-class AttentionTimer:
-    """Accumulates wall time spent inside the attention function of the model's layers.
-
-    Timing the call itself (not the whole layer) keeps projections out of the number, and the
-    call includes whatever the patched function does first (mask selection), as it should.
-    """
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.calls = 0
-
-    def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool = True):
         super().__init__()
@@ -98,13 +83,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.timer: Optional[AttentionTimer] = None
+        # Anything with float `seconds` and int `calls` (spattn.distill.AttentionTiming): timing
+        # the call itself keeps the projections out and includes what a patcher routes it to.
+        self.timer: Optional[Any] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # The norms may compute in float32 under autocast; attention wants one dtype for q, k, v.
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         if self.timer is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -247,7 +235,7 @@ class VideoDiT(nn.Module):
         h = self.head(_modulate(self.final_norm(h), shift, scale))
         return self.unpatchify(h)
 
-    def set_attention_timer(self, timer: Optional[AttentionTimer]) -> None:
+    def set_attention_timer(self, timer: Optional[Any]) -> None:
         for m in self.modules():
             if isinstance(m, Attention):
                 m.timer = timer

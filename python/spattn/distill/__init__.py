@@ -5,7 +5,7 @@ Nothing here imports the compiled extension at import time: the patch step is in
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, state_fingerprint
-from .evaluate import (ProbeSet, attention_time, make_probe_set, psnr, relative_error, time_call,
+from .evaluate import (AttentionTiming, ProbeSet, attention_time, make_probe_set, psnr, relative_error, time_call,
                        velocities, velocity_relative_error)
 from .plot import save_line_plot
 from .sampling import make_noise, sample_euler, time_grid
@@ -13,7 +13,7 @@ from .trainer import (TrainOptions, TrainResult, default_forward, distill, inter
                       noise_and_time, train_flow_matching)
 
 __all__ = [
-    "CheckpointError", "ProbeSet", "TrainOptions", "TrainResult", "attention_time",
+    "AttentionTiming", "CheckpointError", "ProbeSet", "TrainOptions", "TrainResult", "attention_time",
     "default_forward", "distill", "interpolate", "load_checkpoint", "make_noise",
     "make_probe_set", "noise_and_time", "psnr", "relative_error", "sample_euler",
     "save_checkpoint", "save_line_plot", "state_fingerprint", "time_call", "time_grid",

@@ -108,34 +108,35 @@ def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1,
     return statistics.median(times)
 
 
-class _Timer:
-    """What ``set_attention_timer`` receives: the model adds to ``seconds`` and ``calls``."""
+class AttentionTiming:
+    """Seconds and calls spent in attention; the model (or the hooks) add to both as it runs."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.calls = 0
 
+    def __repr__(self) -> str:
+        return f"AttentionTiming(seconds={self.seconds:.6f}, calls={self.calls})"
+
 
 @contextlib.contextmanager
 def attention_time(model: nn.Module, predicate: Optional[Callable[[nn.Module], bool]] = None
-                   ) -> Iterator[Dict[str, float]]:
-    """Accumulate the seconds spent in the model's attention while the block runs.
+                   ) -> Iterator[AttentionTiming]:
+    """Accumulate the time spent in the model's attention while the block runs.
 
-    Models that expose ``set_attention_timer`` (the demo DiT) time exactly the attention call.
-    Other models are timed per attention *module* through forward hooks (modules whose class name
-    ends in "Attention", or those ``predicate`` selects), which also counts their projections.
-    Result: ``{"seconds": ..., "calls": ...}`` filled in when the block exits.
+    Models that expose ``set_attention_timer`` (the demo DiT) time exactly the attention call,
+    including whatever a patcher routes it to (mask selection and the sparse kernel). Other
+    models are timed per attention *module* through forward hooks (modules whose class name ends
+    in "Attention", or those ``predicate`` selects), which also counts their projections.
     """
-    result: Dict[str, float] = {"seconds": 0.0, "calls": 0}
+    timing = AttentionTiming()
     setter = getattr(model, "set_attention_timer", None)
     if setter is not None:
-        timer = _Timer()
-        setter(timer)
+        setter(timing)
         try:
-            yield result
+            yield timing
         finally:
             setter(None)
-            result["seconds"], result["calls"] = timer.seconds, timer.calls
         return
     predicate = predicate or (lambda m: type(m).__name__.endswith("Attention"))
     starts: List[float] = []
@@ -149,15 +150,15 @@ def attention_time(model: nn.Module, predicate: Optional[Callable[[nn.Module], b
     def post(mod, args, out):
         dev = out.device if isinstance(out, torch.Tensor) else None
         _sync(dev)
-        result["seconds"] += time.perf_counter() - starts.pop()
-        result["calls"] += 1
+        timing.seconds += time.perf_counter() - starts.pop()
+        timing.calls += 1
 
     for m in model.modules():
         if predicate(m):
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
     try:
-        yield result
+        yield timing
     finally:
         for h in handles:
             h.remove()
