@@ -27,7 +27,13 @@ test-sanitize: deps
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(BUILD_SAN) --output-on-failure -j $(JOBS)
 
-test: test-cpp test-sanitize
+# The Python package, built CPU-only unless the caller sets CMAKE_ARGS, then its pytest suite.
+# Any non-zero pytest exit fails the target, including 5 (no tests collected).
+test-python: deps
+	CMAKE_ARGS="$(or $(CMAKE_ARGS),-DSPATTN_CUDA=OFF)" $(PYTHON) -m pip install --no-build-isolation -v .
+	$(PYTHON) -m pytest tests/python -q
+
+test: test-cpp test-sanitize test-python
 
 demo: build
 	$(BUILD)/bench/spattn_demo
