@@ -82,11 +82,17 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--json-out", help="write all rows here as JSON")
+    ap.add_argument("--replay", help="print the table of an earlier --json-out file, measure nothing")
     args = ap.parse_args()
     N, H, D = args.seq, args.heads, args.dim
     densities = [float(x) for x in args.densities.split(",") if x]
     causals = [False, True] if args.causal == "both" else [args.causal == "1"]
     rows = []
+    if args.replay:
+        with open(args.replay) as fh:
+            rows = json.load(fh)
+        print_table(rows, N, H, D, next((r["gpu"] for r in rows if "gpu" in r), "?"))
+        return
 
     # spattn first (its own process, so the peers' allocations do not disturb it).
     if args.spattn:
@@ -154,7 +160,13 @@ def main():
                 r["density"] = dens
                 rows.append(r)
 
-    # ---- one table ----
+    print_table(rows, N, H, D, torch.cuda.get_device_name())
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+def print_table(rows, N, H, D, gpu):
     def tflops(ms, share, mult):
         return 4.0 * N * N * D * H * share * mult / (ms * 1e-3) / 1e12
 
@@ -170,10 +182,11 @@ def main():
             key = (r["causal"], round(r["density"], 4))
             flexref[key] = (flexref.get(key, (None, None))[0], r["fwdbwd_ms"])
 
+    # "x flex": FlexAttention's time over spattn's at the same density (fwd: 128x64 blocks;
+    # fwd+bwd: 128x128 blocks, since FlexAttention's backward fails for 128x64 in PyTorch 2.11).
     hdr = ("impl", "causal", "density", "computed", "fwd ms", "fwd TF/s", "f+b ms", "f+b TF/s",
            "fwd x cuDNN", "f+b x cuDNN", "fwd x flex", "f+b x flex", "note")
-    print("\nattention on %s, B=1 H=%d N=%d D=%d bf16 (TF/s = effective)"
-          % (torch.cuda.get_device_name(), H, N, D))
+    print("\nattention on %s, B=1 H=%d N=%d D=%d bf16 (TF/s = effective)" % (gpu, H, N, D))
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for r in rows:
@@ -182,6 +195,7 @@ def main():
                                                              r.get("density", ""), r["error"]))
             continue
         share = r.get("computed", 1.0)
+        is_spattn = r["impl"].startswith("spattn")
         f, fb = r.get("fwd_ms"), r.get("fwdbwd_ms")
         b = base.get(r["causal"], (None, None))
         fx = flexref.get((r["causal"], round(r.get("density", -1), 4)), (None, None))
@@ -192,15 +206,13 @@ def main():
         print("| " + " | ".join([
             r["impl"], str(r["causal"]),
             "dense" if r.get("density", -1) < 0 else "%.0f%%" % (100 * r["density"]),
-            "%.3f" % share, cell(f, "%.3f"), cell(f and tflops(f, share, 1), "%.0f"),
-            cell(fb, "%.3f"), cell(fb and tflops(fb, share, 2.5), "%.0f"),
-            cell(f and b[0] and b[0] / f, "%.2f"), cell(fb and b[1] and b[1] / fb, "%.2f"),
-            cell(f and fx[0] and r["impl"].startswith("spattn") and fx[0] / f, "%.2f"),
-            cell(fb and fx[1] and r["impl"].startswith("spattn") and fx[1] / fb, "%.2f"),
+            "%.3f" % share, cell(f, "%.3f"), cell(tflops(f, share, 1) if f else None, "%.0f"),
+            cell(fb, "%.3f"), cell(tflops(fb, share, 2.5) if fb else None, "%.0f"),
+            cell(b[0] / f if f and b[0] else None, "%.2f"),
+            cell(b[1] / fb if fb and b[1] else None, "%.2f"),
+            cell(fx[0] / f if f and fx[0] and is_spattn else None, "%.2f"),
+            cell(fx[1] / fb if fb and fx[1] and is_spattn else None, "%.2f"),
             note.strip()]) + " |")
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(rows, fh, indent=1)
 
 
 if __name__ == "__main__":

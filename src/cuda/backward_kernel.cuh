@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const float pr = exp2f(fmaf(s[n][e], p.scale_log2, -lse2[r]));
+        const float pr = exp2_approx(fmaf(s[n][e], p.scale_log2, -lse2[r]));
         v[e] = pr * (dp[n][e] - delta[r]);
       }
       ds_frag[n >> 1][(n & 1) * 2 + 0] = Elem<T>::pack(v[0], v[1]);
@@ -407,10 +407,10 @@ __global__ void __launch_bounds__(DkdvTraits<D>::kThreads, 2)
       const int c = n * 8 + 2 * tq;
       const float l0 = lse2[c], l1 = lse2[c + 1];
       const float d0 = delta[c], d1 = delta[c + 1];
-      const float p0 = exp2f(fmaf(s[n][0], p.scale_log2, -l0));
-      const float p1 = exp2f(fmaf(s[n][1], p.scale_log2, -l1));
-      const float p2 = exp2f(fmaf(s[n][2], p.scale_log2, -l0));
-      const float p3 = exp2f(fmaf(s[n][3], p.scale_log2, -l1));
+      const float p0 = exp2_approx(fmaf(s[n][0], p.scale_log2, -l0));
+      const float p1 = exp2_approx(fmaf(s[n][1], p.scale_log2, -l1));
+      const float p2 = exp2_approx(fmaf(s[n][2], p.scale_log2, -l0));
+      const float p3 = exp2_approx(fmaf(s[n][3], p.scale_log2, -l1));
       p_frag[n >> 1][(n & 1) * 2 + 0] = Elem<T>::pack(p0, p1);
       p_frag[n >> 1][(n & 1) * 2 + 1] = Elem<T>::pack(p2, p3);
       ds_frag[n >> 1][(n & 1) * 2 + 0] = Elem<T>::pack(p0 * (dp[n][0] - d0), p1 * (dp[n][1] - d1));

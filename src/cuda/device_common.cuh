@@ -69,6 +69,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, uint32_t addr) {
                : "r"(addr));
 }
 
+// 2^x with the hardware approximation (MUFU.EX2, ~2 ulp): the softmax runs it once per score,
+// and exp2f's accurate path costs several instructions more. ex2(-inf) = +0.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---- cp.async ------------------------------------------------------------------------------------
 // 16-byte global -> shared copy; `valid == false` zero-fills (rows past the sequence end), so
 // tails never feed garbage (possibly NaN) into the products.

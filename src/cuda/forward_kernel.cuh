@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads, 1)
       const float new_max = fmaxf(row_max[r], tile_max[r] * p.scale_log2);
       // A row with nothing allowed so far keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
       base[r] = new_max == -INFINITY ? 0.f : new_max;
-      alpha[r] = exp2f(row_max[r] - base[r]);
+      alpha[r] = exp2_approx(row_max[r] - base[r]);
       row_max[r] = new_max;
       row_sum[r] *= alpha[r];
     }
@@ -209,10 +209,10 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads, 1)
     uint32_t p_frag[4][4];  // P as A fragments, one per 16-key step
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      const float p0 = exp2f(fmaf(s[n][0], p.scale_log2, -base[0]));
-      const float p1 = exp2f(fmaf(s[n][1], p.scale_log2, -base[0]));
-      const float p2 = exp2f(fmaf(s[n][2], p.scale_log2, -base[1]));
-      const float p3 = exp2f(fmaf(s[n][3], p.scale_log2, -base[1]));
+      const float p0 = exp2_approx(fmaf(s[n][0], p.scale_log2, -base[0]));
+      const float p1 = exp2_approx(fmaf(s[n][1], p.scale_log2, -base[0]));
+      const float p2 = exp2_approx(fmaf(s[n][2], p.scale_log2, -base[1]));
+      const float p3 = exp2_approx(fmaf(s[n][3], p.scale_log2, -base[1]));
       row_sum[0] += p0 + p1;
       row_sum[1] += p2 + p3;
       p_frag[n >> 1][(n & 1) * 2 + 0] = Elem<T>::pack(p0, p1);
