@@ -10,6 +10,7 @@
 #include <memory>
 #include <cstring>
 #include <random>
+#include <ostream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -100,6 +101,9 @@ struct Case {
     return r;
   }
 };
+
+// Readable ctest/gtest parameter descriptions instead of the raw bytes of a Case.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name(); }
 
 Tensor make_input(std::vector<int64_t> shape, DType dtype, bool bnhd, uint64_t seed) {
   Tensor t = Tensor::empty(shape, dtype, bnhd ? std::vector<int>{0, 2, 1, 3} : std::vector<int>{});
