@@ -23,14 +23,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device and spattn's CUDA backend")
 
 
-def cuda_ready() -> bool:
-    try:
-        import spattn
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and spattn.cuda_backend_available()
-
-
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
