@@ -64,9 +64,9 @@ void dq_pass(const detail::AttentionProblem& p, const PlanGeometry& geo, const T
   const int64_t tasks = p.batch * p.heads_q * nqb;
   const A scale_log2 = A(p.scale * kLog2e);
   const int threads = thread_count(p);
-  const PackedBlocks<A> kt = pack_blocks<S, A>(k, bk, true, threads);   // (B, Hkv, nkb, D, bk)
-  const PackedBlocks<A> kr = pack_blocks<S, A>(k, bk, false, threads);  // (B, Hkv, nkb, bk, D)
-  const PackedBlocks<A> vt = pack_blocks<S, A>(v, bk, true, threads);   // (B, Hkv, nkb, Dv, bk)
+  const PackedBlocks<A> kt = pack_blocks<S, A>(k, bk, true, threads, 0);   // (B, Hkv, nkb, D, bk)
+  const PackedBlocks<A> kr = pack_blocks<S, A>(k, bk, false, threads, 1);  // (B, Hkv, nkb, bk, D)
+  const PackedBlocks<A> vt = pack_blocks<S, A>(v, bk, true, threads, 2);   // (B, Hkv, nkb, Dv, bk)
 
 #pragma omp parallel num_threads(threads)
   {
@@ -118,15 +118,15 @@ void dkdv_pass(const detail::AttentionProblem& p, const PlanGeometry& geo,
   const int64_t tasks = p.batch * p.heads_kv * nkb;
   const A scale_log2 = A(p.scale * kLog2e);
   const int threads = thread_count(p);
-  const PackedBlocks<A> qt = pack_blocks<S, A>(q, bq, true, threads);      // (B, Hq, nqb, D, bq)
-  const PackedBlocks<A> qr = pack_blocks<S, A>(q, bq, false, threads);     // (B, Hq, nqb, bq, D)
-  const PackedBlocks<A> dot = pack_blocks<S, A>(dout, bq, true, threads);  // (B, Hq, nqb, Dv, bq)
-  const PackedBlocks<A> dor = pack_blocks<S, A>(dout, bq, false, threads); // (B, Hq, nqb, bq, Dv)
+  const PackedBlocks<A> qt = pack_blocks<S, A>(q, bq, true, threads, 3);      // (B, Hq, nqb, D, bq)
+  const PackedBlocks<A> qr = pack_blocks<S, A>(q, bq, false, threads, 4);     // (B, Hq, nqb, bq, D)
+  const PackedBlocks<A> dot = pack_blocks<S, A>(dout, bq, true, threads, 5);  // (B, Hq, nqb, Dv, bq)
+  const PackedBlocks<A> dor = pack_blocks<S, A>(dout, bq, false, threads, 6); // (B, Hq, nqb, bq, Dv)
   // lse in log2 units (B, Hq, Nq), +inf for empty rows.
-  Buffer<A> lse2_all(p.batch * p.heads_q * p.q_len);
+  A* lse2_all = workspace<A>(7, p.batch * p.heads_q * p.q_len);
   for (int64_t b = 0; b < p.batch; ++b)
     for (int64_t h = 0; h < p.heads_q; ++h)
-      load_lse2(lse, b, h, 0, p.q_len, lse2_all.get() + (b * p.heads_q + h) * p.q_len);
+      load_lse2(lse, b, h, 0, p.q_len, lse2_all + (b * p.heads_q + h) * p.q_len);
 
 #pragma omp parallel num_threads(threads)
   {
@@ -143,7 +143,7 @@ void dkdv_pass(const detail::AttentionProblem& p, const PlanGeometry& geo,
 
       for (int64_t hq = hk * G; hq < (hk + 1) * G; ++hq) {
         const A* dl_head = delta.data() + (b * p.heads_q + hq) * p.q_len;
-        const A* lse2_head = lse2_all.get() + (b * p.heads_q + hq) * p.q_len;
+        const A* lse2_head = lse2_all + (b * p.heads_q + hq) * p.q_len;
         for_each_q_tile(p, geo, tplan, b, hq, kb, [&](int64_t qb, bool partial) {
           const int64_t q0 = qb * bq, qcols = std::min(bq, p.q_len - q0);
           const A* dl = dl_head + q0;  // (qcols)

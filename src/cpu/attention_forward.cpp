@@ -85,8 +85,8 @@ void forward_convert(const detail::AttentionProblem& p, const TensorRef& q, cons
   const int64_t tasks = p.batch * p.heads_q * nqb;
   const A scale_log2 = A(p.scale) * A(1.44269504088896340735992468100189214);
   const int threads = thread_count(p);
-  const PackedBlocks<A> kt = pack_blocks<S, A>(k, bk, true, threads);   // (B, Hkv, nkb, Dqk, bk)
-  const PackedBlocks<A> vb = pack_blocks<S, A>(v, bk, false, threads);  // (B, Hkv, nkb, bk, Dv)
+  const PackedBlocks<A> kt = pack_blocks<S, A>(k, bk, true, threads, 0);   // (B, Hkv, nkb, Dqk, bk)
+  const PackedBlocks<A> vb = pack_blocks<S, A>(v, bk, false, threads, 1);  // (B, Hkv, nkb, bk, Dv)
 
 #pragma omp parallel num_threads(threads)
   {
@@ -141,12 +141,13 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
   const int64_t nkb = geo.num_k_blocks(), kv_tiles = p.batch * p.heads_kv * nkb;
   // K transposed in units of pairs along Dqk (B, Hkv, nkb, Dqk/2, bk); V with rows 2·j and
   // 2·j+1 interleaved (B, Hkv, nkb, bk/2, Dv): the operand layouts vdpbf16ps wants.
-  Buffer<uint32_t> kt(kv_tiles * dq2 * bk), vp(kv_tiles * bk2 * dv);
+  uint32_t* kt = workspace<uint32_t>(0, kv_tiles * dq2 * bk);
+  uint32_t* vp = workspace<uint32_t>(1, kv_tiles * bk2 * dv);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t idx = 0; idx < kv_tiles; ++idx) {
     const int64_t kb = idx % nkb, hk = (idx / nkb) % p.heads_kv, b = idx / (nkb * p.heads_kv);
     const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0), cols2 = (cols + 1) / 2;
-    uint32_t* kdst = kt.get() + idx * dq2 * bk;
+    uint32_t* kdst = kt + idx * dq2 * bk;
     for (int64_t j = 0; j < cols; ++j) {
       const bfloat16* src = row_ptr<const bfloat16>(k, b, hk, k0 + j);
       for (int64_t d2 = 0; d2 < dq2; ++d2) kdst[d2 * bk + j] = pair_bits(src, 2 * d2, dq);
@@ -155,7 +156,7 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
       const uint16_t* r0 = &row_ptr<const bfloat16>(v, b, hk, k0 + 2 * j2)->bits;
       const uint16_t* r1 =
           2 * j2 + 1 < cols ? &row_ptr<const bfloat16>(v, b, hk, k0 + 2 * j2 + 1)->bits : nullptr;
-      uint32_t* dst = vp.get() + (idx * bk2 + j2) * dv;
+      uint32_t* dst = vp + (idx * bk2 + j2) * dv;
       int64_t c = 0;
       if (r1 != nullptr)
         for (; c + 16 <= dv; c += 16) {
@@ -188,7 +189,7 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
       for_each_kv_tile(p, geo, b, hq, qb, [&](int64_t kb, bool partial) {
         const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0), cols2 = (cols + 1) / 2;
         const int64_t tile = (b * p.heads_kv + hk) * nkb + kb;
-        kernel::gemm_bf16(rows, cols, dq2, qbuf.get(), dq2, kt.get() + tile * dq2 * bk, bk, s.get(),
+        kernel::gemm_bf16(rows, cols, dq2, qbuf.get(), dq2, kt + tile * dq2 * bk, bk, s.get(),
                           bk, false);  // S (rows, cols)
         if (partial)
           for (int64_t i = 0; i < rows; ++i) {
@@ -212,7 +213,7 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
             prow[j / 2] = lo | (hi << 16);
           }
         }
-        kernel::gemm_bf16(rows, dv, cols2, pb.get(), bk2, vp.get() + tile * bk2 * dv, dv, o.get(),
+        kernel::gemm_bf16(rows, dv, cols2, pb.get(), bk2, vp + tile * bk2 * dv, dv, o.get(),
                           dv, true);  // O += P V (rows, Dv)
       });
       finish_rows<bfloat16>(p, out, lse, b, hq, q0, rows, st);
