@@ -11,6 +11,7 @@ graphs: plan arrays in device memory are checked by shape only (the C++ side doe
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -46,6 +47,12 @@ def _threads(t: Tensor) -> int:
     return 0 if t.is_cuda else torch.get_num_threads()
 
 
+def _device_guard(t: Tensor):
+    # DLPack export of a CUDA tensor and the kernel launch both use the current device; make it
+    # the tensors' device so inputs on cuda:1 work while cuda:0 is current.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _view(t: Optional[Tensor]) -> Optional[Tensor]:
     # DLPack export refuses tensors that require grad; the op body never needs the graph.
     return None if t is None else t.detach()
@@ -71,12 +78,13 @@ def forward(
     Without plan arrays the attention is dense under the rule (causal, window)."""
     out = _empty_out(q, v.shape[3])
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
-    _C.forward(
-        _view(q), _view(k), _view(v), out, lse,
-        _view(kv_index), _view(num_full), _view(num_partial),
-        block_q, block_k, scale, causal, window_left, window_right,
-        _stream(q), _threads(q),
-    )
+    with _device_guard(q):
+        _C.forward(
+            _view(q), _view(k), _view(v), out, lse,
+            _view(kv_index), _view(num_full), _view(num_partial),
+            block_q, block_k, scale, causal, window_left, window_right,
+            _stream(q), _threads(q),
+        )
     return out, lse
 
 
@@ -108,12 +116,13 @@ def backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from the forward's out and lse; dk, dv are summed over each GQA group."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _C.backward(
-        _view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), dq, dk, dv,
-        _view(kv_index), _view(num_full), _view(num_partial),
-        block_q, block_k, scale, causal, window_left, window_right,
-        _stream(q), _threads(q),
-    )
+    with _device_guard(q):
+        _C.backward(
+            _view(q), _view(k), _view(v), _view(out), _view(lse), _view(dout), dq, dk, dv,
+            _view(kv_index), _view(num_full), _view(num_partial),
+            block_q, block_k, scale, causal, window_left, window_right,
+            _stream(q), _threads(q),
+        )
     return dq, dk, dv
 
 
