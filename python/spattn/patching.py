@@ -26,7 +26,8 @@ decides, so a dense module nested in a sparse one stays dense. Modules are count
 its fused inference path, or with ``need_weights=True``) is visible.
 
 SDPA arguments spattn cannot honour (an ``attn_mask`` tensor, ``dropout_p`` > 0) raise
-:class:`spattn.SpattnError` naming the module and the argument. The redirect is per thread.
+:class:`spattn.SpattnError` naming the module and the argument. The redirect is per thread;
+``torch.compile`` traces through it (Dynamo supports torch function modes).
 """
 
 from __future__ import annotations

@@ -267,3 +267,16 @@ def test_torch_compile_with_a_prepared_plan():
         return spattn.attention(q, k, v, plan) * 2
 
     assert (f(q, k, v) - 2 * spattn.attention(q, k, v, plan)).abs().max() < 1e-6
+
+
+def test_torch_compile_of_a_patched_model(model):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 64, 32)
+    with spattn.patch(model, CFG) as handle:
+        eager = model(x)
+        out = compiled(x)
+        assert handle.calls == {"layers.0.attn": 2, "layers.1.attn": 2}
+    assert (out - eager).abs().max() < 1e-5
+    # Undoing the patch invalidates the compiled graph: dense again.
+    assert (compiled(x) - model(x)).abs().max() < 1e-5
