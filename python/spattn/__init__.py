@@ -8,6 +8,8 @@
 See docs/python.md for the full API.
 """
 
+import torch  # noqa: F401  (first: a CUDA build then shares the runtime torch loaded)
+
 from . import _C
 from ._C import SpattnError, __version__, cuda_backend_available
 from . import _ops  # noqa: F401  (registers torch.ops.spattn.forward / backward)
