@@ -16,8 +16,9 @@ build: deps
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
 	cmake --build $(BUILD) -j $(JOBS)
 
+# GPU tests (label "gpu") run through scripts/gpu-check on a machine with an NVIDIA GPU.
 test-cpp: build
-	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS) -LE gpu
 
 # The C++ suite again under AddressSanitizer and UndefinedBehaviorSanitizer (CPU backend only).
 test-sanitize: deps
