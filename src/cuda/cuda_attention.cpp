@@ -9,9 +9,12 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "cuda/launch.hpp"
+#include "cuda/sm90/launch_sm90.hpp"
 #include "spattn/error.hpp"
 
 namespace spattn::cuda {
@@ -149,6 +152,38 @@ Variant variant(DType dtype, int64_t dim) {
   detail::throw_error("spattn::cuda: no kernel for dtype ", dtype_name(dtype), ", head dim ", dim);
 }
 
+// The Hopper forward (wgmma + TMA, src/cuda/sm90/) for a dtype and head dim.
+Launcher sm90_forward(DType dtype, int64_t dim) {
+  const bool bf16 = dtype == DType::bfloat16;
+  if (dim == 128) return bf16 ? sm90::forward_bf16_d128 : sm90::forward_fp16_d128;
+  if (dim == 64) return bf16 ? sm90::forward_bf16_d64 : sm90::forward_fp16_d64;
+  return nullptr;
+}
+
+// SPATTN_CUDA_FORWARD picks the forward kernels: unset or "auto" takes the sm_90a kernel where it
+// applies and falls back quietly; "sm80" always runs the mma.sync kernel; "sm90" takes the sm_90a
+// kernel wherever it applies and makes a refused tensor map an error instead of a fallback (the
+// tests use it so that a silent fallback cannot pass for the new path).
+enum class ForwardPath { automatic, sm80, sm90 };
+ForwardPath forward_path() {
+  const char* e = std::getenv("SPATTN_CUDA_FORWARD");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return ForwardPath::automatic;
+  if (std::strcmp(e, "sm80") == 0) return ForwardPath::sm80;
+  if (std::strcmp(e, "sm90") == 0) return ForwardPath::sm90;
+  detail::throw_error("SPATTN_CUDA_FORWARD must be auto, sm80 or sm90; got \"", e, "\"");
+}
+
+// sm_90a code runs on compute capability 9.0 exactly (H100, H200), not on later GPUs.
+bool is_sm90(int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
 }  // namespace
 
 bool available() {
@@ -179,6 +214,19 @@ void forward(const detail::AttentionProblem& p, const TensorRef& q, const Tensor
   DeviceGuard guard(q.device.index, where);
   const AttnParams a = common_params(where, p, q, k, v, out, lse);
   const auto stream = static_cast<cudaStream_t>(p.stream);
+  // The sm_90a kernel takes dense and native-plan problems (generic small-block plans stay on
+  // the mma.sync kernel, which masks per element); it declines (cudaErrorNotSupported, nothing
+  // launched) when the driver refuses a tensor map.
+  const ForwardPath path = forward_path();
+  const Launcher hopper = sm90_forward(p.dtype, p.dim_qk);
+  if (path != ForwardPath::sm80 && hopper != nullptr && a.source != TileSource::generic &&
+      a.k_len > 0 && is_sm90(q.device.index)) {
+    const cudaError_t e = hopper(a, stream);
+    if (e != cudaErrorNotSupported || path == ForwardPath::sm90) {
+      check(e, where, "sm90 forward kernel launch");
+      return;
+    }
+  }
   check(variant(p.dtype, p.dim_qk).forward(a, stream), where, "forward kernel launch");
 }
 
