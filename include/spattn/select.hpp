@@ -82,3 +82,53 @@ std::vector<double> row_density(const BlockPlan& plan);
 int64_t allowed_tiles_per_head(const PlanGeometry& geo);
 
 }  // namespace spattn
+
+// ---- plans written into caller-provided arrays (host or device) -----------------------------
+namespace spattn {
+
+// Caller-owned plan arrays in the layout of plan.hpp, in host memory (device.kind == cpu) or in
+// the memory of one CUDA device. `geo` is the geometry the writer must produce (it is checked,
+// not derived), `capacity` the slots per row of kv_index (at least max(num_k_blocks, 1)):
+//   kv_index    (geo.batch, geo.heads, num_q_blocks, capacity)
+//   num_full    (geo.batch, geo.heads, num_q_blocks)
+//   num_partial (geo.batch, geo.heads, num_q_blocks)
+struct PlanBuffers {
+  PlanGeometry geo;
+  int64_t capacity = 0;
+  int32_t* kv_index = nullptr;
+  int32_t* num_full = nullptr;
+  int32_t* num_partial = nullptr;
+  Device device{};
+
+  PlanView view() const { return PlanView{geo, capacity, kv_index, num_full, num_partial, device}; }
+};
+
+// The geometry select_hybrid produces for these inputs and options (plan heads per opt.gqa).
+PlanGeometry hybrid_geometry(const TensorRef& q, const TensorRef& k, const HybridOptions& opt);
+
+// select_hybrid writing into `out`, dispatched by q's device:
+//  * host q, k: the CPU selector, then a copy into `out` (host memory, or device memory through
+//    copy_plan_to on `stream`);
+//  * CUDA q, k: pooling, scoring and Top-k ∪ Top-p on the device, stream-ordered on `stream`
+//    (a cudaStream_t; nullptr = the default stream) with no host synchronisation, so the call
+//    can be captured in a CUDA graph. `out` must be on q's device. Same plans as the CPU selector
+//    up to expf rounding at Top-p thresholds (docs/selectors.md, "GPU selector").
+// GPU limits: head dim <= 256, num_k_blocks <= 8192, per-head top_k / top_p with at most
+// kMaxDeviceHeadOptions entries (a single value serves any number of heads). opt.num_threads is
+// ignored on the GPU.
+inline constexpr int64_t kMaxDeviceHeadOptions = 128;
+void select_hybrid_into(const TensorRef& q, const TensorRef& k, const HybridOptions& opt,
+                        const PlanBuffers& out, void* stream = nullptr);
+
+// Copies a host plan into `out` (host: memcpy; CUDA: cudaMemcpyAsync / cudaMemcpy2DAsync on
+// `stream`). out.geo must equal the plan's geometry and out.capacity must hold every row. The
+// device copy reads pageable host memory, so it is not meant for CUDA-graph capture (the graph
+// would keep reading `host_plan`'s arrays).
+void copy_plan_to(const BlockPlan& host_plan, const PlanBuffers& out, void* stream = nullptr);
+
+// Every tile out.geo's rule leaves non-empty (BlockPlan::dense), built where `out` lives. Set
+// out.geo.rule to what causal_plan / sliding_window_plan / mistral_plan write to get those
+// patterns on the device.
+void dense_plan_into(const PlanBuffers& out, void* stream = nullptr);
+
+}  // namespace spattn
