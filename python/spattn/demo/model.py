@@ -91,8 +91,9 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D)
-        # The norms may compute in float32 under autocast; attention wants one dtype for q, k, v.
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        # Normalise in float32 (autocast leaves RMSNorm alone, and bf16 input against float32
+        # weights takes a slow unfused path), then back to v's dtype: attention wants one dtype.
+        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if self.timer is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:

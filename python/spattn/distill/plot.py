@@ -30,6 +30,7 @@ def _nice_ticks(lo: float, hi: float, count: int = 5):
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
+    v = float(f"{v:.3g}")  # 10 ** log10(0.2) is not exactly 0.2
     if abs(v) >= 1e4 or abs(v) < 1e-3:
         return f"{v:.1e}"
     return f"{v:.4g}"
@@ -85,8 +86,12 @@ def save_line_plot(path: str, series: Dict[str, Tuple[Sequence[float], Sequence[
         draw.line([px(t), h - bottom, px(t), h - bottom + 5], fill="black")
         draw.text((px(t) - 12, h - bottom + 8), _fmt(t), fill="black", font=font)
     if log_y:
+        # Decades, then 1-2-5 steps when the range spans less than a few decades.
         yticks = [float(e) for e in range(math.ceil(y0), math.floor(y1) + 1)]
-        if len(yticks) < 2:  # under a decade: label intermediate values instead
+        if len(yticks) < 3:
+            yticks = [math.log10(m) + e for e in range(math.floor(y0), math.ceil(y1) + 1)
+                      for m in (1, 2, 5) if y0 <= math.log10(m) + e <= y1]
+        if len(yticks) < 2:
             yticks = _nice_ticks(y0, y1)
         labels = [_fmt(10 ** t) for t in yticks]
     else:
