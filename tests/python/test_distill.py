@@ -305,3 +305,28 @@ def test_distill_with_spattn_patch(teacher_state):
     density = result.history[-1]["density"]
     assert density is not None and 1 - density >= TARGET_SPARSITY - 0.05, density
     assert result.handle.names  # the attention layers really were patched
+
+
+class _ReIterable:
+    """An iterable that yields the same batches each time it is iterated (like a seeded loader)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        for i in range(1 << 20):
+            yield self.batches(i)
+
+
+def test_resume_with_iterable_data(teacher_state, tmp_path):
+    data = _ReIterable(_data(seed=8))
+    opts = TrainOptions(steps=4, lr=1e-3, progress=False)
+    full = distill(_teacher(teacher_state), data, None, patch_fn=double_patch(), options=opts)
+    ckpt = str(tmp_path / "run")
+    distill(_teacher(teacher_state), data, None, patch_fn=double_patch(), options=opts, steps=2,
+            checkpoint_dir=ckpt)
+    resumed = distill(_teacher(teacher_state), data, None, patch_fn=double_patch(), options=opts,
+                      checkpoint_dir=ckpt)
+    assert resumed.resumed_from == 2
+    for a, b in zip(resumed.losses[2:], full.losses[2:]):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(b))
