@@ -1,9 +1,10 @@
 """Plan builders: the hybrid Top-k ∪ Top-p selector and the classic static patterns.
 
 Every function here calls the C++ selector library (include/spattn/select.hpp,
-patterns.hpp); docs/selectors.md states each rule exactly. Selection runs on the host: for CUDA
-inputs, q and k are copied to the host and the plan is moved back to their device (this
-synchronises, so selection is not part of a CUDA graph; attention with a ready plan is).
+patterns.hpp); docs/selectors.md states each rule exactly. ``hybrid`` runs where q and k live:
+on a GPU it pools, scores and selects on the current stream without host synchronisation, so
+selection and attention together can be captured in a CUDA graph. The static patterns, block
+scores and the tuner run on the host.
 
 ``hybrid`` is a torch custom op (``torch.ops.spattn.select_hybrid``) with a fake
 implementation, so models that rebuild their plan on every call still compile with
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from . import _C
 from ._C import SpattnError
+from ._ops import _device_guard, _stream, _threads, _unit_last_stride
 from .config import SparseAttentionConfig
 from .functional import _check_scale
 from .plan import BlockPlan, Window, normalize_window
@@ -80,15 +82,19 @@ def _select_hybrid(
     local_blocks: int,
     gqa: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    # The C++ selector reads host memory; the copy is a no-op for CPU tensors.
-    qh, kh = q.detach().cpu(), k.detach().cpu()
-    kv_index, num_full, num_partial, _ = _C.select_hybrid(
-        qh, kh, top_k, top_p, scale, block_q, block_k, causal, window_left, window_right,
-        sink_blocks, local_blocks, gqa, torch.get_num_threads())
-    out = [torch.from_numpy(np.asarray(a)) for a in (kv_index, num_full, num_partial)]
-    if q.device.type != "cpu":
-        out = [t.to(q.device) for t in out]
-    return tuple(out)
+    # Outputs are allocated by torch where q lives; the C++ selector fills them (on a GPU,
+    # stream-ordered on the current stream without host synchronisation).
+    b, heads = q.shape[0], _plan_heads(q, k, gqa)
+    nqb, nkb = _num_blocks(q.shape[2], block_q), _num_blocks(k.shape[2], block_k)
+    kv_index = q.new_empty((b, heads, nqb, max(nkb, 1)), dtype=torch.int32)
+    num_full = q.new_empty((b, heads, nqb), dtype=torch.int32)
+    num_partial = q.new_empty((b, heads, nqb), dtype=torch.int32)
+    with _device_guard(q):
+        _C.select_hybrid_into(
+            _unit_last_stride(q.detach()), _unit_last_stride(k.detach()), kv_index, num_full,
+            num_partial, top_k, top_p, scale, block_q, block_k, causal, window_left,
+            window_right, sink_blocks, local_blocks, gqa, _threads(q), _stream(q))
+    return kv_index, num_full, num_partial
 
 
 @_select_hybrid.register_fake

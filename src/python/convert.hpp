@@ -88,8 +88,9 @@ spattn::TensorRef to_ref(const char* where, const char* name, const Array& a) {
 
 // Plan arrays must be dense int32 in C order: kernels index them as flat arrays. A negative
 // entry in `shape` accepts any extent.
-inline const int32_t* plan_array(const char* where, const char* name, const InArray& a,
-                                 std::initializer_list<int64_t> shape, spattn::Device device) {
+template <class Array>
+const int32_t* plan_array(const char* where, const char* name, const Array& a,
+                          std::initializer_list<int64_t> shape, spattn::Device device) {
   using nb::dlpack::dtype_code;
   const nb::dlpack::dtype t = a.dtype();
   SPATTN_CHECK(t.code == uint8_t(dtype_code::Int) && t.bits == 32 && t.lanes == 1, where, ": ",

@@ -91,6 +91,37 @@ PlanArrays select_hybrid(const InArray& q, const InArray& k, std::vector<double>
   return plan_arrays(plan);
 }
 
+// The selector writing into caller arrays on q's device: on a GPU, pooling, scoring and
+// Top-k ∪ Top-p run stream-ordered with no host synchronisation (CUDA-graph capturable).
+void select_hybrid_into(const InArray& q, const InArray& k, const OutArray& kv_index,
+                        const OutArray& num_full, const OutArray& num_partial,
+                        std::vector<double> top_k, std::vector<double> top_p, double scale,
+                        int block_q, int block_k, bool causal, int64_t window_left,
+                        int64_t window_right, int64_t sink_blocks, int64_t local_blocks,
+                        const std::string& gqa, int num_threads, uintptr_t stream) {
+  const char* where = "select.hybrid";
+  const auto rq = to_ref(where, "q", q), rk = to_ref(where, "k", k);
+  const auto opt = hybrid_options(std::move(top_k), std::move(top_p), scale, block_q, block_k,
+                                  causal, window_left, window_right, sink_blocks, local_blocks,
+                                  gqa, num_threads);
+  spattn::PlanBuffers out;
+  out.geo = spattn::hybrid_geometry(rq, rk, opt);
+  out.device = rq.device;
+  const int64_t nqb = out.geo.num_q_blocks();
+  SPATTN_CHECK(kv_index.ndim() == 4, where, ": kv_index must have rank 4; got rank ",
+               kv_index.ndim());
+  out.capacity = int64_t(kv_index.shape(3));
+  const spattn::PlanGeometry& g = out.geo;
+  out.kv_index = const_cast<int32_t*>(
+      plan_array(where, "kv_index", kv_index, {g.batch, g.heads, nqb, -1}, out.device));
+  out.num_full = const_cast<int32_t*>(
+      plan_array(where, "num_full", num_full, {g.batch, g.heads, nqb}, out.device));
+  out.num_partial = const_cast<int32_t*>(
+      plan_array(where, "num_partial", num_partial, {g.batch, g.heads, nqb}, out.device));
+  nb::gil_scoped_release release;
+  spattn::select_hybrid_into(rq, rk, opt, out, reinterpret_cast<void*>(stream));
+}
+
 nb::ndarray<nb::numpy, float> hybrid_block_scores(
     const InArray& q, const InArray& k, std::vector<double> top_k, std::vector<double> top_p,
     double scale, int block_q, int block_k, bool causal, int64_t window_left,
@@ -158,6 +189,11 @@ void bind_select(nb::module_& m) {
         "block_q"_a, "block_k"_a, "causal"_a, "window_left"_a, "window_right"_a,
         "sink_blocks"_a, "local_blocks"_a, "gqa"_a, "num_threads"_a = 0,
         "Hybrid Top-k ∪ Top-p plan from host q (B, Hq, Nq, D) and k (B, Hkv, Nk, D).");
+  m.def("select_hybrid_into", &select_hybrid_into, "q"_a, "k"_a, "kv_index"_a, "num_full"_a,
+        "num_partial"_a, "top_k"_a, "top_p"_a, "scale"_a, "block_q"_a, "block_k"_a, "causal"_a,
+        "window_left"_a, "window_right"_a, "sink_blocks"_a, "local_blocks"_a, "gqa"_a,
+        "num_threads"_a = 0, "stream"_a = 0,
+        "Hybrid plan written into caller arrays on q's device (no host sync on a GPU).");
   m.def("hybrid_block_scores", &hybrid_block_scores, "q"_a, "k"_a, "top_k"_a, "top_p"_a,
         "scale"_a, "block_q"_a, "block_k"_a, "causal"_a, "window_left"_a, "window_right"_a,
         "sink_blocks"_a, "local_blocks"_a, "gqa"_a, "num_threads"_a = 0,

@@ -137,3 +137,31 @@ def test_patch_on_gpu():
     plan = spattn.select.from_config(q, k, cfg)
     assert torch.equal(out, spattn.attention(q, k, v, plan))
     assert handle.last_density() == pytest.approx(plan.density)
+
+
+def test_device_selector_matches_cpu_and_is_capturable():
+    supported(torch.bfloat16, 64)
+    q, k, v = qkv(torch.bfloat16, nq=700, nk=900)
+    kwargs = dict(topk=0.05, topp=0.3, causal=True, sinks=1)
+    gpu = spattn.select.hybrid(q, k, **kwargs)
+    cpu = spattn.select.hybrid(q.cpu(), k.cpu(), **kwargs)
+    assert gpu.device == q.device
+    # Same plans up to float rounding at Top-p thresholds: nearly every tile agrees.
+    agree = (gpu.to_dense().cpu() == cpu.to_dense()).float().mean().item()
+    assert agree > 0.995
+    static_q = q.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        spattn.attention(static_q, k, v, spattn.select.hybrid(static_q, k, **kwargs))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan = spattn.select.hybrid(static_q, k, **kwargs)
+        static_out = spattn.attention(static_q, k, v, plan)
+    new_q = torch.randn_like(q)
+    static_q.copy_(new_q)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = spattn.attention(new_q, k, v, spattn.select.hybrid(new_q, k, **kwargs))
+    assert torch.equal(static_out, expected)
