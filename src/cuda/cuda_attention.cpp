@@ -14,6 +14,7 @@
 #include <string>
 
 #include "cuda/launch.hpp"
+#include "cuda/sm90/backward_sm90.hpp"
 #include "cuda/sm90/launch_sm90.hpp"
 #include "spattn/error.hpp"
 
@@ -173,6 +174,47 @@ ForwardPath forward_path() {
   detail::throw_error("SPATTN_CUDA_FORWARD must be auto, sm80 or sm90; got \"", e, "\"");
 }
 
+// The Hopper backward passes (src/cuda/sm90/backward_sm90.cuh) for a dtype and head dim.
+struct Sm90Backward {
+  Launcher dq = nullptr, dkdv = nullptr;
+};
+Sm90Backward sm90_backward(DType dtype, int64_t dim) {
+  const bool bf16 = dtype == DType::bfloat16;
+  if (dim == 128)
+    return bf16 ? Sm90Backward{sm90::backward_dq_bf16_d128, sm90::backward_dkdv_bf16_d128}
+                : Sm90Backward{sm90::backward_dq_fp16_d128, sm90::backward_dkdv_fp16_d128};
+  if (dim == 64)
+    return bf16 ? Sm90Backward{sm90::backward_dq_bf16_d64, sm90::backward_dkdv_bf16_d64}
+                : Sm90Backward{sm90::backward_dq_fp16_d64, sm90::backward_dkdv_fp16_d64};
+  return {};
+}
+
+// SPATTN_CUDA_BACKWARD picks the backward kernels, like SPATTN_CUDA_FORWARD: unset or "auto"
+// takes the sm_90a passes where they apply and falls back quietly; "sm80" always runs the
+// mma.sync passes; "sm90" takes the sm_90a passes wherever they apply and makes a refused
+// tensor map an error instead of a fallback.
+using BackwardPath = ForwardPath;
+BackwardPath backward_path() {
+  const char* e = std::getenv("SPATTN_CUDA_BACKWARD");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return ForwardPath::automatic;
+  if (std::strcmp(e, "sm80") == 0) return ForwardPath::sm80;
+  if (std::strcmp(e, "sm90") == 0) return ForwardPath::sm90;
+  detail::throw_error("SPATTN_CUDA_BACKWARD must be auto, sm80 or sm90; got \"", e, "\"");
+}
+
+// Runs `hopper` when given and the path allows, else (or when it declines) `fallback`.
+void launch_pass(const char* where, const char* what, BackwardPath path, Launcher hopper,
+                 Launcher fallback, const AttnParams& a, cudaStream_t stream) {
+  if (hopper != nullptr && path != ForwardPath::sm80) {
+    const cudaError_t e = hopper(a, stream);
+    if (e != cudaErrorNotSupported || path == ForwardPath::sm90) {
+      check(e, where, what);
+      return;
+    }
+  }
+  check(fallback(a, stream), where, what);
+}
+
 // sm_90a code runs on compute capability 9.0 exactly (H100, H200), not on later GPUs.
 bool is_sm90(int device) {
   int major = 0, minor = 0;
@@ -276,11 +318,21 @@ void backward(const detail::AttentionProblem& p, const TensorRef& q, const Tenso
                          const_cast<int32_t*>(a.tplan.num_partial), stream),
           where, "plan transpose kernel launch");
   }
+  // The sm_90a passes take dense and native-plan problems with both lengths > 0 (dk/dv: a
+  // transposed plan whose block_q is a multiple of 128); generic plans, empty sequences and
+  // other GPUs take the mma.sync passes. Both paths are deterministic.
+  const BackwardPath path = backward_path();
+  const bool hopper_ok = a.source != TileSource::generic && a.q_len > 0 && a.k_len > 0 &&
+                         is_sm90(q.device.index);
+  const Sm90Backward hopper = hopper_ok ? sm90_backward(p.dtype, p.dim_qk) : Sm90Backward{};
+  const bool dkdv_ok = a.source != TileSource::native || a.tplan.block_q % 128 == 0;
   if (p.q_len > 0 && p.heads_q > 0) {
     check(kern.prepare(a, stream), where, "backward preparation kernel launch");
-    check(kern.dq(a, stream), where, "dq kernel launch");
+    launch_pass(where, "dq kernel launch", path, hopper.dq, kern.dq, a, stream);
   }
-  if (p.k_len > 0) check(kern.dkdv(a, stream), where, "dk/dv kernel launch");
+  if (p.k_len > 0)
+    launch_pass(where, "dk/dv kernel launch", path, dkdv_ok ? hopper.dkdv : nullptr, kern.dkdv,
+                a, stream);
 }
 
 }  // namespace spattn::cuda
