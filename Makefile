@@ -5,7 +5,7 @@ PYTHON     ?= python3
 JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
 
-.PHONY: all deps build test test-cpp test-sanitize test-python python demo bench clean
+.PHONY: all deps build test test-cpp test-sanitize test-python python demo demo-engine bench clean
 
 all: build
 
@@ -28,15 +28,25 @@ test-sanitize: deps
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(BUILD_SAN) --output-on-failure -j $(JOBS)
 
-# The Python package, built CPU-only unless the caller sets CMAKE_ARGS, then its pytest suite.
-# Any non-zero pytest exit fails the target, including 5 (no tests collected).
-test-python: deps
-	CMAKE_ARGS="$(or $(CMAKE_ARGS),-DSPATTN_CUDA=OFF)" $(PYTHON) -m pip install --no-build-isolation -v .
+# The Python package. The CUDA backend is compiled into it only where a GPU is present (or
+# when the caller sets CMAKE_ARGS): on a CPU-only machine it would be built and never run.
+PY_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo ON || echo OFF)
+python: deps
+	CMAKE_ARGS="$(or $(CMAKE_ARGS),-DSPATTN_CUDA=$(PY_CUDA))" $(PYTHON) -m pip install --no-build-isolation -q .
+
+# Then its pytest suite. Any non-zero pytest exit fails the target, including 5 (no tests).
+test-python: python
 	$(PYTHON) -m pytest tests/python -q
 
 test: test-cpp test-sanitize test-python
 
-demo: build
+# The main job: sparse attention on a small video DiT, end to end (teacher, calibrated masks,
+# training-free vs diffusion-loss vs velocity distillation); writes build/demo/.
+demo: python
+	$(PYTHON) -m spattn.demo
+
+# The C++ engine alone: dense vs block-sparse plans on one problem, time / density / error.
+demo-engine: build
 	$(BUILD)/bench/spattn_demo
 
 bench: build

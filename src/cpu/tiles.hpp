@@ -34,8 +34,16 @@ inline PlanGeometry tile_geometry(const detail::AttentionProblem& p) {
   return g;
 }
 
+// Threads for one call: the caller's choice, else OpenMP's default — except that problems too
+// small to repay waking a thread team run on one thread (on a busy machine a team wake-up was
+// measured at milliseconds against ~0.1 ms of work for a (1, 2, 64, 64, 32) call).
+inline constexpr double kSerialWorkLimit = double(1 << 22);  // multiply-adds, ~0.2 ms on one core
+
 inline int thread_count(const detail::AttentionProblem& p) {
-  return p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+  if (p.num_threads > 0) return p.num_threads;
+  const double work = double(p.batch) * double(p.heads_q) * double(p.q_len) * double(p.k_len) *
+                      double(p.dim_qk + p.dim_v);
+  return work < kSerialWorkLimit ? 1 : omp_get_max_threads();
 }
 
 // Calls fn(kb, partial) for each kv block that query block qb of (b, hq) visits, full tiles first.
