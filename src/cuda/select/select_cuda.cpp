@@ -12,40 +12,13 @@
 #include <string>
 
 #include "cuda/select/select_params.hpp"
+#include "cuda/runtime_check.hpp"
 #include "spattn/error.hpp"
 
 namespace spattn::cuda {
 namespace {
 
 static_assert(select::kMaxHeadOptions == kMaxDeviceHeadOptions);
-
-void check(cudaError_t e, const char* where, const char* what) {
-  if (e == cudaSuccess) return;
-  std::string hint;
-  if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction)
-    hint = " (spattn's CUDA kernels are built for compute capability 9.0; set "
-           "CMAKE_CUDA_ARCHITECTURES for other GPUs)";
-  detail::throw_error(where, ": CUDA ", what, " failed: ", cudaGetErrorName(e), ": ",
-                      cudaGetErrorString(e), hint);
-}
-
-class DeviceGuard {
- public:
-  DeviceGuard(int device, const char* where) {
-    check(cudaGetDevice(&previous_), where, "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), where, "cudaSetDevice");
-    restore_ = previous_ != device;
-  }
-  ~DeviceGuard() {
-    if (restore_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool restore_ = false;
-};
 
 select::InDType in_dtype(DType d) {
   switch (d) {
