@@ -6,6 +6,7 @@
 // Each output element is written by exactly one task, so results do not depend on threads.
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_attention.hpp"
@@ -177,6 +178,150 @@ void dkdv_pass(const detail::AttentionProblem& p, const PlanGeometry& geo,
   }
 }
 
+#if defined(__AVX512BF16__)
+// bf16 passes on native dot products. The seven tile products take bf16 operands with float32
+// sums: Q, K, V and dO are bf16 already (exact), P and dS are rounded to bf16 before the
+// products they feed (dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q), as tensor-core kernels do. The
+// softmax recomputation and dS = P ∘ (dP − delta) stay float32. Tasks, tile order and the GQA
+// sum are those of the float passes, so results still do not depend on the thread count.
+void dq_pass_bf16(const detail::AttentionProblem& p, const PlanGeometry& geo, const TensorRef& q,
+                  const TensorRef& k, const TensorRef& v, const TensorRef& lse,
+                  const TensorRef& dout, const std::vector<float>& delta, const TensorRef& dq) {
+  const int64_t bq = geo.block_q, bk = geo.block_k, nqb = geo.num_q_blocks();
+  const int64_t D = p.dim_qk, Dv = p.dim_v, G = p.group_size();
+  const int64_t D2 = (D + 1) / 2, Dv2 = (Dv + 1) / 2, bk2 = (bk + 1) / 2;
+  const int64_t tasks = p.batch * p.heads_q * nqb;
+  const float scale_log2 = float(p.scale * kLog2e);
+  const int threads = thread_count(p);
+  const PackedBlocks<uint32_t> kt =
+      pack_blocks_bf16(k, bk, PairLayout::along_d, threads, 0);  // (B, Hkv, nkb, D/2, bk)
+  const PackedBlocks<uint32_t> kr =
+      pack_blocks_bf16(k, bk, PairLayout::row_pairs, threads, 1);  // (B, Hkv, nkb, bk/2, D)
+  const PackedBlocks<uint32_t> vt =
+      pack_blocks_bf16(v, bk, PairLayout::along_d, threads, 2);  // (B, Hkv, nkb, Dv/2, bk)
+
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<uint32_t> qbuf(bq * D2), dob(bq * Dv2), dsb(bq * bk2);
+    Buffer<float> s(bq * bk), dp(bq * bk), acc(bq * D), lse2(bq);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t qb = t % nqb, hq = (t / nqb) % p.heads_q, b = t / (nqb * p.heads_q);
+      const int64_t hk = hq / G;
+      const int64_t q0 = qb * bq, rows = std::min(bq, p.q_len - q0);
+      const float* dl = delta.data() + (b * p.heads_q + hq) * p.q_len + q0;  // (rows)
+      load_tile_pairs(q, b, hq, q0, rows, D, qbuf.get(), D2);      // (rows, D/2)
+      load_tile_pairs(dout, b, hq, q0, rows, Dv, dob.get(), Dv2);  // (rows, Dv/2)
+      load_lse2(lse, b, hq, q0, rows, lse2.get());
+      std::fill(acc.get(), acc.get() + rows * D, 0.0f);
+
+      for_each_kv_tile(p, geo, b, hq, qb, [&](int64_t kb, bool partial) {
+        const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0), cols2 = (cols + 1) / 2;
+        kernel::gemm_bf16(rows, cols, D2, qbuf.get(), D2, kt.at(b, hk, kb), bk, s.get(), bk,
+                          false);  // S (rows, cols)
+        kernel::gemm_bf16(rows, cols, Dv2, dob.get(), Dv2, vt.at(b, hk, kb), bk, dp.get(), bk,
+                          false);  // dP (rows, cols)
+        for (int64_t i = 0; i < rows; ++i) {
+          float* srow = s.get() + i * bk;
+          if (partial) {
+            int64_t lo, hi;
+            allowed_keys(p.rule, q0 + i, p.q_len, p.k_len, k0, k0 + cols, lo, hi);
+            mask_outside(srow, cols, lo - k0, hi - k0);
+          }
+          kernel::exp2_row(srow, cols, scale_log2, lse2.get()[i]);  // P
+          float* dprow = dp.get() + i * bk;
+          const float di = dl[i];
+          for (int64_t j = 0; j < cols; ++j) dprow[j] = srow[j] * (dprow[j] - di);  // dS
+          kernel::round_pairs_bf16(dprow, cols, dsb.get() + i * bk2);  // (bk/2) pairs of keys
+        }
+        kernel::gemm_bf16(rows, D, cols2, dsb.get(), bk2, kr.at(b, hk, kb), D, acc.get(), D,
+                          true);  // dQ += dS K (rows, D)
+      });
+      for (int64_t i = 0; i < rows; ++i)
+        kernel::store_row(acc.get() + i * D, row_ptr<bfloat16>(dq, b, hq, q0 + i), D,
+                          float(p.scale));
+    }
+  }
+}
+
+void dkdv_pass_bf16(const detail::AttentionProblem& p, const PlanGeometry& geo,
+                    const TransposedPlanView* tplan, const TensorRef& q, const TensorRef& k,
+                    const TensorRef& v, const TensorRef& lse, const TensorRef& dout,
+                    const std::vector<float>& delta, const TensorRef& dk, const TensorRef& dv) {
+  const int64_t bq = geo.block_q, bk = geo.block_k, nkb = geo.num_k_blocks();
+  const int64_t D = p.dim_qk, Dv = p.dim_v, G = p.group_size();
+  const int64_t D2 = (D + 1) / 2, Dv2 = (Dv + 1) / 2, bq2 = (bq + 1) / 2;
+  const int64_t tasks = p.batch * p.heads_kv * nkb;
+  const float scale_log2 = float(p.scale * kLog2e);
+  const int threads = thread_count(p);
+  const PackedBlocks<uint32_t> qt =
+      pack_blocks_bf16(q, bq, PairLayout::along_d, threads, 3);  // (B, Hq, nqb, D/2, bq)
+  const PackedBlocks<uint32_t> qr =
+      pack_blocks_bf16(q, bq, PairLayout::row_pairs, threads, 4);  // (B, Hq, nqb, bq/2, D)
+  const PackedBlocks<uint32_t> dot =
+      pack_blocks_bf16(dout, bq, PairLayout::along_d, threads, 5);  // (B, Hq, nqb, Dv/2, bq)
+  const PackedBlocks<uint32_t> dor =
+      pack_blocks_bf16(dout, bq, PairLayout::row_pairs, threads, 6);  // (B, Hq, nqb, bq/2, Dv)
+  // lse in log2 units (B, Hq, Nq), +inf for empty rows.
+  float* lse2_all = workspace<float>(7, p.batch * p.heads_q * p.q_len);
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.heads_q; ++h)
+      load_lse2(lse, b, h, 0, p.q_len, lse2_all + (b * p.heads_q + h) * p.q_len);
+
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<uint32_t> kbuf(bk * D2), vbuf(bk * Dv2), pb(bk * bq2), dsb(bk * bq2);
+    Buffer<float> s(bk * bq), dp(bk * bq), dk_acc(bk * D), dv_acc(bk * Dv);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t kb = t % nkb, hk = (t / nkb) % p.heads_kv, b = t / (nkb * p.heads_kv);
+      const int64_t k0 = kb * bk, krows = std::min(bk, p.k_len - k0);
+      load_tile_pairs(k, b, hk, k0, krows, D, kbuf.get(), D2);    // (krows, D/2)
+      load_tile_pairs(v, b, hk, k0, krows, Dv, vbuf.get(), Dv2);  // (krows, Dv/2)
+      std::fill(dk_acc.get(), dk_acc.get() + krows * D, 0.0f);
+      std::fill(dv_acc.get(), dv_acc.get() + krows * Dv, 0.0f);
+
+      for (int64_t hq = hk * G; hq < (hk + 1) * G; ++hq) {
+        const float* dl_head = delta.data() + (b * p.heads_q + hq) * p.q_len;
+        const float* lse2_head = lse2_all + (b * p.heads_q + hq) * p.q_len;
+        for_each_q_tile(p, geo, tplan, b, hq, kb, [&](int64_t qb, bool partial) {
+          const int64_t q0 = qb * bq, qcols = std::min(bq, p.q_len - q0);
+          const int64_t qcols2 = (qcols + 1) / 2;
+          const float* dl = dl_head + q0;      // (qcols)
+          const float* lse2 = lse2_head + q0;  // (qcols)
+          kernel::gemm_bf16(krows, qcols, D2, kbuf.get(), D2, qt.at(b, hq, qb), bq, s.get(), bq,
+                            false);  // Sᵀ (krows, qcols)
+          kernel::gemm_bf16(krows, qcols, Dv2, vbuf.get(), Dv2, dot.at(b, hq, qb), bq, dp.get(),
+                            bq, false);  // dPᵀ (krows, qcols)
+          for (int64_t j = 0; j < krows; ++j) {
+            float* srow = s.get() + j * bq;
+            if (partial) {
+              int64_t lo, hi;
+              allowed_queries(p.rule, k0 + j, p.q_len, p.k_len, q0, q0 + qcols, lo, hi);
+              mask_outside(srow, qcols, lo - q0, hi - q0);
+            }
+            kernel::exp2_row_sub(srow, qcols, scale_log2, lse2);  // Pᵀ
+            float* dprow = dp.get() + j * bq;
+            for (int64_t i = 0; i < qcols; ++i) dprow[i] = srow[i] * (dprow[i] - dl[i]);  // dSᵀ
+            kernel::round_pairs_bf16(srow, qcols, pb.get() + j * bq2);    // (bq/2) query pairs
+            kernel::round_pairs_bf16(dprow, qcols, dsb.get() + j * bq2);  // (bq/2) query pairs
+          }
+          kernel::gemm_bf16(krows, Dv, qcols2, pb.get(), bq2, dor.at(b, hq, qb), Dv,
+                            dv_acc.get(), Dv, true);  // dV += Pᵀ dO (krows, Dv)
+          kernel::gemm_bf16(krows, D, qcols2, dsb.get(), bq2, qr.at(b, hq, qb), D, dk_acc.get(),
+                            D, true);  // dK += dSᵀ Q (krows, D)
+        });
+      }
+      for (int64_t j = 0; j < krows; ++j) {
+        kernel::store_row(dk_acc.get() + j * D, row_ptr<bfloat16>(dk, b, hk, k0 + j), D,
+                          float(p.scale));
+        kernel::store_row(dv_acc.get() + j * Dv, row_ptr<bfloat16>(dv, b, hk, k0 + j), Dv, 1.0f);
+      }
+    }
+  }
+}
+#endif
+
 template <class S, class A>
 void backward_typed(const detail::AttentionProblem& p, const TensorRef& q, const TensorRef& k,
                     const TensorRef& v, const TensorRef& out, const TensorRef& lse,
@@ -184,7 +329,16 @@ void backward_typed(const detail::AttentionProblem& p, const TensorRef& q, const
                     const TensorRef& dv) {
   const PlanGeometry geo = tile_geometry(p);
   const std::vector<A> delta = row_deltas<S, A>(p, out, dout);
-  if (p.batch * p.heads_q * p.q_len > 0) dq_pass<S, A>(p, geo, q, k, v, lse, dout, delta, dq);
+  // bf16 on AVX-512 BF16 takes the native dot-product passes; everything else converts to A.
+  constexpr bool bf16_dot = std::is_same_v<S, bfloat16> && kernel::kHaveBf16Dot;
+  if (p.batch * p.heads_q * p.q_len > 0) {
+#if defined(__AVX512BF16__)
+    if constexpr (bf16_dot) {
+      dq_pass_bf16(p, geo, q, k, v, lse, dout, delta, dq);
+    } else
+#endif
+      dq_pass<S, A>(p, geo, q, k, v, lse, dout, delta, dq);
+  }
   if (p.batch * p.heads_kv * p.k_len > 0) {
     TransposedPlan owned;
     TransposedPlanView tview;
@@ -192,7 +346,13 @@ void backward_typed(const detail::AttentionProblem& p, const TensorRef& q, const
       owned = transpose(*p.plan);
       tview = owned.view();
     }
-    dkdv_pass<S, A>(p, geo, p.plan ? &tview : nullptr, q, k, v, lse, dout, delta, dk, dv);
+    const TransposedPlanView* tp = p.plan ? &tview : nullptr;
+#if defined(__AVX512BF16__)
+    if constexpr (bf16_dot) {
+      dkdv_pass_bf16(p, geo, tp, q, k, v, lse, dout, delta, dk, dv);
+    } else
+#endif
+      dkdv_pass<S, A>(p, geo, tp, q, k, v, lse, dout, delta, dk, dv);
   }
 }
 

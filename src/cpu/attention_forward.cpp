@@ -124,11 +124,6 @@ void forward_convert(const detail::AttentionProblem& p, const TensorRef& q, cons
 #if defined(__AVX512BF16__)
 // bf16 path on native dot products: Q and K stay bf16 (pairs along Dqk), P is rounded to bf16
 // (pairs along the key axis) before P·V, as GPU kernels do; all sums are float32.
-uint32_t pair_bits(const bfloat16* x, int64_t i, int64_t n) {
-  const uint32_t lo = i < n ? x[i].bits : 0u, hi = i + 1 < n ? x[i + 1].bits : 0u;
-  return lo | (hi << 16);
-}
-
 void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, const TensorRef& k,
                       const TensorRef& v, const TensorRef& out, const TensorRef& lse) {
   const PlanGeometry geo = tile_geometry(p);
@@ -138,35 +133,10 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
   const int64_t tasks = p.batch * p.heads_q * nqb;
   const float scale_log2 = float(p.scale) * 1.44269504088896340736f;
   const int threads = thread_count(p);
-  const int64_t nkb = geo.num_k_blocks(), kv_tiles = p.batch * p.heads_kv * nkb;
-  // K transposed in units of pairs along Dqk (B, Hkv, nkb, Dqk/2, bk); V with rows 2·j and
-  // 2·j+1 interleaved (B, Hkv, nkb, bk/2, Dv): the operand layouts vdpbf16ps wants.
-  uint32_t* kt = workspace<uint32_t>(0, kv_tiles * dq2 * bk);
-  uint32_t* vp = workspace<uint32_t>(1, kv_tiles * bk2 * dv);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t idx = 0; idx < kv_tiles; ++idx) {
-    const int64_t kb = idx % nkb, hk = (idx / nkb) % p.heads_kv, b = idx / (nkb * p.heads_kv);
-    const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0), cols2 = (cols + 1) / 2;
-    uint32_t* kdst = kt + idx * dq2 * bk;
-    for (int64_t j = 0; j < cols; ++j) {
-      const bfloat16* src = row_ptr<const bfloat16>(k, b, hk, k0 + j);
-      for (int64_t d2 = 0; d2 < dq2; ++d2) kdst[d2 * bk + j] = pair_bits(src, 2 * d2, dq);
-    }
-    for (int64_t j2 = 0; j2 < cols2; ++j2) {
-      const uint16_t* r0 = &row_ptr<const bfloat16>(v, b, hk, k0 + 2 * j2)->bits;
-      const uint16_t* r1 =
-          2 * j2 + 1 < cols ? &row_ptr<const bfloat16>(v, b, hk, k0 + 2 * j2 + 1)->bits : nullptr;
-      uint32_t* dst = vp + (idx * bk2 + j2) * dv;
-      int64_t c = 0;
-      if (r1 != nullptr)
-        for (; c + 16 <= dv; c += 16) {
-          const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r0 + c)));
-          const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r1 + c)));
-          _mm512_storeu_si512(dst + c, _mm512_or_si512(a, _mm512_slli_epi32(h, 16)));
-        }
-      for (; c < dv; ++c) dst[c] = uint32_t(r0[c]) | (r1 ? uint32_t(r1[c]) << 16 : 0u);
-    }
-  }
+  // K as pairs along Dqk per key (B, Hkv, nkb, Dqk/2, bk); V with rows 2·j and 2·j+1
+  // interleaved (B, Hkv, nkb, bk/2, Dv): the operand layouts vdpbf16ps wants.
+  const PackedBlocks<uint32_t> kt = pack_blocks_bf16(k, bk, PairLayout::along_d, threads, 0);
+  const PackedBlocks<uint32_t> vp = pack_blocks_bf16(v, bk, PairLayout::row_pairs, threads, 1);
 
 #pragma omp parallel num_threads(threads)
   {
@@ -177,10 +147,7 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
       const int64_t qb = t % nqb, hq = (t / nqb) % p.heads_q, b = t / (nqb * p.heads_q);
       const int64_t hk = hq / G;
       const int64_t q0 = qb * bq, rows = std::min(bq, p.q_len - q0);
-      for (int64_t i = 0; i < rows; ++i) {  // (rows, Dqk/2) pairs along Dqk
-        const bfloat16* src = row_ptr<const bfloat16>(q, b, hq, q0 + i);
-        for (int64_t d2 = 0; d2 < dq2; ++d2) qbuf.get()[i * dq2 + d2] = pair_bits(src, 2 * d2, dq);
-      }
+      load_tile_pairs(q, b, hq, q0, rows, dq, qbuf.get(), dq2);  // (rows, Dqk/2)
       std::fill(o.get(), o.get() + rows * dv, 0.0f);
       std::fill(m.get(), m.get() + rows, -std::numeric_limits<float>::infinity());
       std::fill(l.get(), l.get() + rows, 0.0f);
@@ -188,9 +155,8 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
 
       for_each_kv_tile(p, geo, b, hq, qb, [&](int64_t kb, bool partial) {
         const int64_t k0 = kb * bk, cols = std::min(bk, p.k_len - k0), cols2 = (cols + 1) / 2;
-        const int64_t tile = (b * p.heads_kv + hk) * nkb + kb;
-        kernel::gemm_bf16(rows, cols, dq2, qbuf.get(), dq2, kt + tile * dq2 * bk, bk, s.get(),
-                          bk, false);  // S (rows, cols)
+        kernel::gemm_bf16(rows, cols, dq2, qbuf.get(), dq2, kt.at(b, hk, kb), bk, s.get(), bk,
+                          false);  // S (rows, cols)
         if (partial)
           for (int64_t i = 0; i < rows; ++i) {
             int64_t lo, hi;
@@ -198,22 +164,9 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
             mask_outside(s.get() + i * bk, cols, lo - k0, hi - k0);
           }
         online_softmax(s.get(), bk, rows, cols, scale_log2, dv, st);
-        for (int64_t i = 0; i < rows; ++i) {  // (rows, bk/2) P as bf16 pairs along keys
-          const float* srow = s.get() + i * bk;
-          uint32_t* prow = pb.get() + i * bk2;
-          int64_t j = 0;
-          for (; j + 32 <= cols; j += 32) {
-            const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(srow + j + 16),
-                                                   _mm512_loadu_ps(srow + j));
-            _mm512_storeu_si512(prow + j / 2, (__m512i)h);
-          }
-          for (; j < cols; j += 2) {
-            const uint32_t lo = to_bfloat16(srow[j]).bits;
-            const uint32_t hi = j + 1 < cols ? to_bfloat16(srow[j + 1]).bits : 0u;
-            prow[j / 2] = lo | (hi << 16);
-          }
-        }
-        kernel::gemm_bf16(rows, dv, cols2, pb.get(), bk2, vp + tile * bk2 * dv, dv, o.get(),
+        for (int64_t i = 0; i < rows; ++i)  // (rows, bk/2) P as bf16 pairs along keys
+          kernel::round_pairs_bf16(s.get() + i * bk, cols, pb.get() + i * bk2);
+        kernel::gemm_bf16(rows, dv, cols2, pb.get(), bk2, vp.at(b, hk, kb), dv, o.get(),
                           dv, true);  // O += P V (rows, Dv)
       });
       finish_rows<bfloat16>(p, out, lse, b, hq, q0, rows, st);

@@ -8,7 +8,7 @@
 // product costs O(tile · k), so it is never the bottleneck.
 //
 // Paths: AVX-512F (the main one: 6 rows × 64 columns of accumulators per step), AVX-512 BF16
-// (vdpbf16ps on pairs of bf16, for the bf16 forward), and portable loops that the compiler
+// (vdpbf16ps on pairs of bf16, for the bf16 forward and backward), and portable loops that the compiler
 // vectorises for other machines and for float64.
 #pragma once
 
@@ -196,6 +196,22 @@ inline void gemm_bf16(int64_t m, int64_t n, int64_t k2, const uint32_t* a, int64
       case 1: micro_bf16_cols<1>(nv, k2, ar, lda, b + j0, ldb, cr, ldc, last, accumulate); break;
       default: break;
     }
+  }
+}
+
+// dst (ceil(n / 2)) ← a float row of n rounded to bf16 (to nearest even) as pairs along the row,
+// the A operand of a product over that row (P or dS times a row-pair-packed tile); a zero pads
+// odd n.
+inline void round_pairs_bf16(const float* src, int64_t n, uint32_t* dst) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
+    _mm512_storeu_si512(dst + j / 2, (__m512i)h);
+  }
+  for (; j < n; j += 2) {
+    const uint32_t lo = to_bfloat16(src[j]).bits;
+    const uint32_t hi = j + 1 < n ? to_bfloat16(src[j + 1]).bits : 0u;
+    dst[j / 2] = lo | (hi << 16);
   }
 }
 #else

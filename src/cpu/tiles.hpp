@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <new>
@@ -207,5 +208,70 @@ PackedBlocks<A> pack_blocks(const TensorRef& t, int64_t block, bool transposed, 
   }
   return packed;
 }
+
+#if defined(__AVX512BF16__)
+// bf16 operands for vdpbf16ps, which multiplies pairs of bf16 held in one uint32 (low half
+// first). Pairs run along the shared dimension of a product, so a tile is packed one of two ways.
+
+// Bits of elements i and i + 1 of a row of n bf16, 0 past the end (a zero pads odd lengths).
+inline uint32_t pair_bits(const bfloat16* x, int64_t i, int64_t n) {
+  const uint32_t lo = i < n ? x[i].bits : 0u, hi = i + 1 < n ? x[i + 1].bits : 0u;
+  return lo | (hi << 16);
+}
+
+// dst (rows, ld) ← rows [n0, n0 + rows) of (b, h) as pairs along D (ceil(D / 2) per row): the
+// A operand of a product over D. On little-endian x86 a bf16 row already is that sequence.
+inline void load_tile_pairs(const TensorRef& t, int64_t b, int64_t h, int64_t n0, int64_t rows,
+                            int64_t cols, uint32_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const bfloat16* src = row_ptr<const bfloat16>(t, b, h, n0 + r);
+    std::memcpy(dst + r * ld, src, size_t(cols / 2) * sizeof(uint32_t));
+    if (cols % 2 != 0) dst[r * ld + cols / 2] = src[cols - 1].bits;
+  }
+}
+
+enum class PairLayout {
+  along_d,    // (ceil(D / 2), block): pairs along D per row of the view — B of a product over D
+  row_pairs,  // (ceil(block / 2), D): rows 2·j and 2·j + 1 interleaved — B of a product over rows
+};
+
+// Every block of `block` rows of each (b, h) of a bf16 (B, H, N, D) view, packed once per call
+// like pack_blocks: (B, H, num_blocks, tile) with the tile laid out as `layout` says.
+inline PackedBlocks<uint32_t> pack_blocks_bf16(const TensorRef& t, int64_t block,
+                                               PairLayout layout, int threads, int slot) {
+  const int64_t B = t.shape[0], H = t.shape[1], N = t.shape[2], D = t.shape[3];
+  const int64_t nb = (N + block - 1) / block, d2 = (D + 1) / 2, block2 = (block + 1) / 2;
+  const int64_t tile = layout == PairLayout::along_d ? d2 * block : block2 * D;
+  PackedBlocks<uint32_t> packed{workspace<uint32_t>(slot, B * H * nb * tile), H, nb, tile};
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t idx = 0; idx < B * H * nb; ++idx) {
+    const int64_t blk = idx % nb, h = (idx / nb) % H, b = idx / (nb * H);
+    const int64_t n0 = blk * block, rows = std::min(block, N - n0);
+    uint32_t* dst = packed.data + idx * tile;
+    if (layout == PairLayout::along_d) {
+      for (int64_t j = 0; j < rows; ++j) {  // columns past `rows` are never read (masked loads)
+        const bfloat16* src = row_ptr<const bfloat16>(t, b, h, n0 + j);
+        for (int64_t c2 = 0; c2 < d2; ++c2) dst[c2 * block + j] = pair_bits(src, 2 * c2, D);
+      }
+      continue;
+    }
+    for (int64_t j2 = 0; j2 < (rows + 1) / 2; ++j2) {
+      const uint16_t* r0 = &row_ptr<const bfloat16>(t, b, h, n0 + 2 * j2)->bits;
+      const uint16_t* r1 =
+          2 * j2 + 1 < rows ? &row_ptr<const bfloat16>(t, b, h, n0 + 2 * j2 + 1)->bits : nullptr;
+      uint32_t* out = dst + j2 * D;
+      int64_t c = 0;
+      if (r1 != nullptr)
+        for (; c + 16 <= D; c += 16) {
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r0 + c)));
+          const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r1 + c)));
+          _mm512_storeu_si512(out + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      for (; c < D; ++c) out[c] = uint32_t(r0[c]) | (r1 ? uint32_t(r1[c]) << 16 : 0u);
+    }
+  }
+  return packed;
+}
+#endif
 
 }  // namespace spattn::cpu
