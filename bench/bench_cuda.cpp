@@ -16,24 +16,11 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_util.hpp"
 #include "spattn/attention.hpp"
 #include "spattn/error.hpp"
 
 namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "bench_cuda: %s failed: %s\n", what, cudaGetErrorString(e));
-    std::exit(2);
-  }
-}
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 // Uniform in [-1, 1) from a hash of the element index (host side, then one copy): never zeros.
 void fill_random(void* device, int64_t n, uint64_t seed) {

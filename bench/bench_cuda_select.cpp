@@ -17,25 +17,12 @@
 #include <vector>
 
 #include "cuda/select/select_cuda.hpp"
+#include "cuda_bench_util.hpp"
 #include "spattn/attention.hpp"
 #include "spattn/error.hpp"
 #include "spattn/select.hpp"
 
 namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "bench_cuda_select: %s failed: %s\n", what, cudaGetErrorString(e));
-    std::exit(2);
-  }
-}
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 // Smooth positional structure plus noise (bf16): rows are peaked as in real attention maps, so
 // Top-p keeps few blocks; pure noise would make every row flat.

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.hpp"
 #include "spattn/attention.hpp"
 #include "spattn/error.hpp"
 #include "spattn/select.hpp"
@@ -22,17 +23,6 @@
 namespace {
 
 using namespace spattn;
-
-#define CUDA_OK(expr)                                                              \
-  do {                                                                             \
-    const cudaError_t e_ = (expr);                                                 \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_);         \
-  } while (0)
-
-bool have_gpu() {
-  static const bool ok = cuda_backend_available();
-  return ok;
-}
 
 // Device copy of a host tensor's storage (one dense block) with the same strides, optionally
 // starting `shift` elements into the allocation (to test unaligned views).
