@@ -288,29 +288,13 @@ inline float max_row(const float* x, int64_t n) {
     mx = _mm512_mask_max_ps(mx, tail_mask(n - j), mx, _mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
   return hmax(mx);
 }
-#else
-inline float exp2_row(float* x, int64_t n, float mul, float sub) {
-  float sum = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    x[j] = std::exp2(x[j] * mul - sub);
-    sum += x[j];
-  }
-  return sum;
-}
-
-inline void exp2_row_sub(float* x, int64_t n, float mul, const float* sub) {
-  for (int64_t j = 0; j < n; ++j) x[j] = std::exp2(x[j] * mul - sub[j]);
-}
-
-inline float max_row(const float* x, int64_t n) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
-  return mx;
-}
 #endif
 
-inline double exp2_row(double* x, int64_t n, double mul, double sub) {
-  double sum = 0.0;
+// Scalar row operations: float64 always, and float32 where AVX-512 is not available (the
+// non-template float overloads above take precedence when it is).
+template <class T>
+inline T exp2_row(T* x, int64_t n, T mul, T sub) {
+  T sum = 0;
   for (int64_t j = 0; j < n; ++j) {
     x[j] = std::exp2(x[j] * mul - sub);
     sum += x[j];
@@ -318,12 +302,14 @@ inline double exp2_row(double* x, int64_t n, double mul, double sub) {
   return sum;
 }
 
-inline void exp2_row_sub(double* x, int64_t n, double mul, const double* sub) {
+template <class T>
+inline void exp2_row_sub(T* x, int64_t n, T mul, const T* sub) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp2(x[j] * mul - sub[j]);
 }
 
-inline double max_row(const double* x, int64_t n) {
-  double mx = -std::numeric_limits<double>::infinity();
+template <class T>
+inline T max_row(const T* x, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
   return mx;
 }
