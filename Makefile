@@ -5,7 +5,7 @@ PYTHON     ?= python3
 JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
 
-.PHONY: all deps build test test-cpp test-sanitize test-python python demo demo-engine bench clean
+.PHONY: all deps build test test-cpp test-sanitize test-portable test-python python demo demo-engine bench clean
 
 all: build
 
@@ -38,7 +38,15 @@ python: deps
 test-python: python
 	$(PYTHON) -m pytest tests/python -q
 
-test: test-cpp test-sanitize test-python
+# The CPU engine built without -march=native (baseline x86-64, no AVX-512): its portable loops.
+BUILD_PORTABLE ?= build-portable
+test-portable: deps
+	cmake -S . -B $(BUILD_PORTABLE) -DCMAKE_BUILD_TYPE=Release -DSPATTN_NATIVE=OFF -DSPATTN_CUDA=OFF \
+	  -DSPATTN_BENCH=OFF -DSPATTN_TOOLS=OFF
+	cmake --build $(BUILD_PORTABLE) -j $(JOBS) --target test_attention
+	ctest --test-dir $(BUILD_PORTABLE) --output-on-failure -j $(JOBS) -R "Cpu|Validation"
+
+test: test-cpp test-sanitize test-portable test-python
 
 # The main job: sparse attention on a small video DiT, end to end (teacher, calibrated masks,
 # training-free vs diffusion-loss vs velocity distillation); writes build/demo/.
@@ -53,4 +61,4 @@ bench: build
 	$(BUILD)/bench/bench_attention
 
 clean:
-	rm -rf $(BUILD) $(BUILD_SAN)
+	rm -rf $(BUILD) $(BUILD_SAN) $(BUILD_PORTABLE)
