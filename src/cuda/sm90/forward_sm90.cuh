@@ -1,17 +1,21 @@
 // Block-sparse attention forward for Hopper (sm_90a): wgmma + TMA, FlashAttention-3 style.
 //
-// One CTA per (128 query rows, query head, batch) = one row of a 128 x 64 plan. Three
-// warpgroups:
-//   warpgroup 0 (producer): one thread issues TMA copies: Q once, then the K and V tiles of the
-//     plan row in plan order (full run, then partial run) into a kStages-deep ring; setmaxnreg
-//     gives its registers to the consumers.
-//   warpgroups 1, 2 (consumers): 64 query rows each. Per 64-key tile:
-//     S = Q K^T   wgmma m64n64k16, A = Q and B = K from 128B-swizzled shared memory
+// One CTA per (128 query rows, query head, batch) = one row of a 128 x 64 plan. The row's
+// 64-key tiles (plan order: full run, then partial run) are taken two at a time: a step of 128
+// keys gathers tiles 2u and 2u + 1, which need not be adjacent, into one K (and V) stage, so
+// the softmax bookkeeping, the O rescale and the barriers are paid once per 128 keys. An odd
+// last tile is a half step (64 keys). Three warpgroups:
+//   warpgroup 0 (producer): one thread issues TMA copies: Q once, then per step the K and V
+//     rows of its two tiles into a kStages-deep ring; setmaxnreg gives its registers to the
+//     consumers.
+//   warpgroups 1, 2 (consumers): 64 query rows each. Per step:
+//     S = Q K^T   wgmma m64n128k16 (m64n64k16 on a half step), A = Q and B = K from
+//       128B-swizzled shared memory
 //     online softmax in registers (log2 units, ex2.approx); the element mask only on tiles the
 //       plan marks partial (or, dense, tiles the rule cuts)
-//     O += P V    wgmma m64n{D}k16, A = P from registers, B = V (N-major) from shared memory
-//   Inside a consumer the products overlap the softmax: S of tile t+1 and P V of tile t are in
-//   flight while the softmax of t+1 runs (FlashAttention-3's intra-warpgroup pipelining).
+//     O += P V    wgmma m64n{D}k16 over the step's keys, A = P from registers, B = V (N-major)
+//   Inside a consumer the products overlap the softmax: S of step u+1 and P V of step u are in
+//   flight while the softmax of u+1 runs (FlashAttention-3's intra-warpgroup pipelining).
 // The epilogue stages O through the consumer's half of the Q buffer for 16-byte stores.
 #pragma once
 
@@ -27,16 +31,19 @@ namespace spattn::cuda::sm90 {
 template <int D>
 struct ForwardSm90Traits {
   static constexpr int kBlockQ = 128;  // = plan block_q: one CTA per plan row
-  static constexpr int kBlockK = 64;   // = plan block_k: one step per plan tile
+  static constexpr int kBlockK = 64;   // = plan block_k: the TMA box of one tile
+  static constexpr int kStepK = 2 * kBlockK;  // keys per step: two tiles
   static constexpr int kConsumers = 2;  // warpgroups of 64 query rows (wgmma M = 64)
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kSlab = 64;     // columns per 128-byte swizzle row (16-bit elements)
   static constexpr int kSlabs = D / kSlab;
-  static constexpr int kStages = D == 128 ? 3 : 4;
+  static constexpr int kStages = D == 128 ? 3 : 4;  // of 128 keys
   static constexpr int kQSlabBytes = kBlockQ * 128;      // 128 rows x 64 columns
   static constexpr int kQBytes = kSlabs * kQSlabBytes;
-  static constexpr int kKVSlabBytes = kBlockK * 128;     // 64 rows x 64 columns
-  static constexpr int kKVBytes = kSlabs * kKVSlabBytes; // one K (or V) tile
+  static constexpr int kKVSlabBytes = kStepK * 128;      // 128 rows x 64 columns
+  static constexpr int kKVBytes = kSlabs * kKVSlabBytes; // one K (or V) stage: 128 keys
+  static constexpr int kTileSlabBytes = kBlockK * 128;   // one tile's rows in a slab
+  static constexpr int kTileBytes = kSlabs * kTileSlabBytes;  // one tile of K (or V)
   static constexpr int kBarriers = 1 + 3 * kStages;      // q_full, k_full[], v_full[], empty[]
   // Q, the K ring, the V ring, barriers, and slack to align the base to 1024 bytes (the
   // 128-byte swizzle atom).
@@ -117,22 +124,32 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
 #pragma unroll
       for (int sl = 0; sl < Tr::kSlabs; ++sl)
         tma_load_4d(sQ + sl * Tr::kQSlabBytes, &maps.q, q_full, sl * Tr::kSlab, q0, hq, b);
-      for (int t = 0; t < walk.count; ++t) {
-        const int s = t % S;
-        if (t >= S) mbar_wait(empty(s), ((t / S) - 1) & 1);  // consumers released tile t - S
-        int k0;
+      const int steps = (walk.count + 1) / 2;
+      for (int u = 0; u < steps; ++u) {
+        const int s = u % S;
+        if (u >= S) mbar_wait(empty(s), ((u / S) - 1) & 1);  // consumers released step u - S
+        int k0[2];
         bool masked;
-        walk.at(p, t, q0, nq, k0, masked);
+        walk.at(p, 2 * u, q0, nq, k0[0], masked);
+        // An odd last step loads its one tile twice: the second copy keeps the stage finite
+        // and the consumers mask its scores to -inf.
+        k0[1] = k0[0];
+        if (2 * u + 1 < walk.count) walk.at(p, 2 * u + 1, q0, nq, k0[1], masked);
+        // Tile h of the step fills rows 64h .. 64h + 63 of every slab of the stage.
         mbar_arrive_expect_tx(k_full(s), Tr::kKVBytes);
 #pragma unroll
-        for (int sl = 0; sl < Tr::kSlabs; ++sl)
-          tma_load_4d(sK + s * Tr::kKVBytes + sl * Tr::kKVSlabBytes, &maps.k, k_full(s),
-                      sl * Tr::kSlab, k0, hk, b);
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int sl = 0; sl < Tr::kSlabs; ++sl)
+            tma_load_4d(sK + s * Tr::kKVBytes + sl * Tr::kKVSlabBytes + h * Tr::kTileSlabBytes,
+                        &maps.k, k_full(s), sl * Tr::kSlab, k0[h], hk, b);
         mbar_arrive_expect_tx(v_full(s), Tr::kKVBytes);
 #pragma unroll
-        for (int sl = 0; sl < Tr::kSlabs; ++sl)
-          tma_load_4d(sV + s * Tr::kKVBytes + sl * Tr::kKVSlabBytes, &maps.v, v_full(s),
-                      sl * Tr::kSlab, k0, hk, b);
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int sl = 0; sl < Tr::kSlabs; ++sl)
+            tma_load_4d(sV + s * Tr::kKVBytes + sl * Tr::kKVSlabBytes + h * Tr::kTileSlabBytes,
+                        &maps.v, v_full(s), sl * Tr::kSlab, k0[h], hk, b);
       }
     }
     return;
@@ -149,57 +166,72 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   auto desc_q = [&](int kk) {
     return smem_desc(sQ + (kk / 4) * Tr::kQSlabBytes + c * 64 * 128 + (kk % 4) * 32, 16, 1024);
   };
-  // K (B, K-major): 64 keys x 16 columns.
+  // K (B, K-major): the step's 128 keys (or the first 64) x 16 columns.
   auto desc_k = [&](int s, int kk) {
     return smem_desc(sK + s * Tr::kKVBytes + (kk / 4) * Tr::kKVSlabBytes + (kk % 4) * 32, 16,
                      1024);
   };
-  // V (B, N-major): 16 keys x D columns; the next 64 columns are the next slab.
+  // V (B, N-major): keys 16kk .. 16kk + 15 of the step x D columns; the next 64 columns are
+  // the next slab.
   auto desc_v = [&](int s, int kk) {
     return smem_desc(sV + s * Tr::kKVBytes + kk * 16 * 128, Tr::kKVSlabBytes, 1024);
   };
 
   float o[D / 2];   // O accumulator, 64 x D per warpgroup
-  float sc[32];     // S (then P in float32), 64 x 64 per warpgroup
-  uint32_t pf[16];  // P as A fragments: 4 k-steps x 4 registers
+  float sc[64];     // S (then P in float32), 64 x 128 per warpgroup
+  uint32_t pf[32];  // P as A fragments: 8 k-steps x 4 registers
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) sc[i] = 0.f;
+  for (int i = 0; i < 64; ++i) sc[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < 16; ++i) pf[i] = 0u;
+  for (int i = 0; i < 32; ++i) pf[i] = 0u;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
   float row_sum[2] = {0.f, 0.f};              // this thread's partial sums
 
+  const int count = walk.count;  // 64-key tiles
+  const int steps = (count + 1) / 2;
+  // Every step multiplies all 128 keys of its stage, a half step included (its second tile
+  // is a copy of the first, masked below): a branch between wgmma shapes writing the same
+  // accumulators makes the compiler insert waits that serialise the pipeline.
   auto issue_s = [&](int s) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      Wgmma<T, 64>::template ss<0>(sc, desc_q(kk), desc_k(s, kk), kk > 0 ? 1 : 0);
+      Wgmma<T, 128>::template ss<0>(sc, desc_q(kk), desc_k(s, kk), kk > 0 ? 1 : 0);
     wgmma_commit();
   };
   auto issue_pv = [&](int s) {
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) Wgmma<T, D>::template rs<1>(o, pf + 4 * kk, desc_v(s, kk));
+    for (int kk = 0; kk < 8; ++kk) Wgmma<T, D>::template rs<1>(o, pf + 4 * kk, desc_v(s, kk));
     wgmma_commit();
   };
-  // Mask (partial tiles only), online softmax of tile t in place: sc becomes P (float32).
-  auto softmax = [&](int t, float* alpha) {
-    int k0;
-    bool masked;
-    walk.at(p, t, q0, nq, k0, masked);
-    if (masked) {
+  // Mask (partial tiles only), online softmax of step u in place: sc becomes P (float32).
+  // Accumulator block j (8 columns) belongs to tile 2u + j / 8.
+  auto softmax = [&](int u, float* alpha) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+    for (int h = 0; h < 2; ++h) {
+      if (2 * u + h >= count) {  // half step: the second tile is a copy of the first
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!rule_allows(p, row0 + 8 * (e >> 1), k0 + 8 * j + 2 * tq + (e & 1)))
-            sc[4 * j + e] = -INFINITY;
+        for (int i = 32; i < 64; ++i) sc[i] = -INFINITY;
+        continue;
+      }
+      int k0;
+      bool masked;
+      walk.at(p, 2 * u + h, q0, nq, k0, masked);
+      if (masked) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!rule_allows(p, row0 + 8 * (e >> 1), k0 + 8 * j + 2 * tq + (e & 1)))
+              sc[32 * h + 4 * j + e] = -INFINITY;
+      }
     }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 16; ++j) {
       mx[0] = fmaxf(mx[0], fmaxf(sc[4 * j], sc[4 * j + 1]));
       mx[1] = fmaxf(mx[1], fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
     }
@@ -216,7 +248,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
       row_sum[r] *= alpha[r];
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
@@ -228,7 +260,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   // P (accumulator layout) -> A fragments: k-step kk covers accumulator blocks 2kk, 2kk + 1.
   auto pack_p = [&] {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
+    for (int kk = 0; kk < 8; ++kk)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         pf[4 * kk + i] = Elem<T>::pack(sc[8 * kk + 2 * i], sc[8 * kk + 2 * i + 1]);
@@ -245,8 +277,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   // Turn-taking: consumer c waits on named barrier 3 + c (its 128 threads plus the other
   // consumer's 128 arrivals) before issuing, and arrives on the other's after issuing. Consumer
   // 0 goes first; consumer 1 skips its last arrival, so every barrier phase completes.
-  const int count = walk.count;
-  int turns_left = count + 1;  // issue points: S_0, (S_t, PV_{t-1}) for t >= 1, PV_last
+  int turns_left = steps + 1;  // issue points: S_0, (S_u, PV_{u-1}) for u >= 1, PV_last
   auto turn_begin = [&] {
     if constexpr (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + c) : "memory");
   };
@@ -257,11 +288,11 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
     }
   };
   if constexpr (kPingPong) {
-    if (c == 1 && count > 0) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
+    if (c == 1 && steps > 0) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
   }
 
   mbar_wait(q_full, 0);
-  if (count > 0) {
+  if (steps > 0) {
     float alpha[2];
     mbar_wait(k_full(0), 0);
     turn_begin();
@@ -271,17 +302,17 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
     fence_regs(sc);
     softmax(0, alpha);
     pack_p();
-    for (int t = 1; t < count; ++t) {
-      const int s = t % S, ps = (t - 1) % S;
-      mbar_wait(k_full(s), (t / S) & 1);
-      mbar_wait(v_full(ps), ((t - 1) / S) & 1);
+    for (int u = 1; u < steps; ++u) {
+      const int s = u % S, ps = (u - 1) % S;
+      mbar_wait(k_full(s), (u / S) & 1);
+      mbar_wait(v_full(ps), ((u - 1) / S) & 1);
       turn_begin();
-      issue_s(s);    // S_t = Q K_t
-      issue_pv(ps);  // O += P_{t-1} V_{t-1}
+      issue_s(s);    // S_u = Q K_u
+      issue_pv(ps);  // O += P_{u-1} V_{u-1}
       turn_end();
-      wgmma_wait<1>();  // S_t is done; P V may still run
+      wgmma_wait<1>();  // S_u is done; P V may still run
       fence_regs(sc);
-      softmax(t, alpha);
+      softmax(u, alpha);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(pf);
@@ -289,8 +320,8 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
       rescale_o(alpha);
       pack_p();
     }
-    const int ls = (count - 1) % S;
-    mbar_wait(v_full(ls), ((count - 1) / S) & 1);
+    const int ls = (steps - 1) % S;
+    mbar_wait(v_full(ls), ((steps - 1) / S) & 1);
     turn_begin();
     issue_pv(ls);
     turn_end();
