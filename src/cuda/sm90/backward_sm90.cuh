@@ -75,14 +75,16 @@ struct DqSm90Traits {
   static constexpr int kConsumers = 2;  // warpgroups of 64 query rows
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kSlabs = D / 64;
-  static constexpr int kStages = D == 128 ? 3 : 4;
+  // Sparse plans visit K/V tiles in random order, mostly L2 hits but some from DRAM: a deep
+  // ring keeps several tiles in flight (D = 64 has the room for one more).
+  static constexpr int kStages = D == 128 ? 4 : 5;
   static constexpr int kQSlabBytes = kBlockQ * 128;
   static constexpr int kQBytes = kSlabs * kQSlabBytes;
   static constexpr int kKVSlabBytes = kBlockK * 128;
   static constexpr int kKVBytes = kSlabs * kKVSlabBytes;
   static constexpr int kBarriers = 1 + 2 * kStages;  // qd_full, full[] (K and V), empty[]
   // Q, dO, the K/V ring, barriers, 1024 bytes to align the base to the swizzle atom.
-  // D = 128: 32 + 32 + 3 x 32 KiB = 160 KiB.
+  // D = 128: 32 + 32 + 4 x 32 KiB = 192 KiB.
   static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "sm90 dq shared memory over the per-block limit");
   static_assert(D == 64 || D == 128, "sm90 backward takes head dims 64 and 128");
