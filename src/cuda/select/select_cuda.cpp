@@ -117,7 +117,8 @@ void select_hybrid(const TensorRef& q, const TensorRef& k, const HybridOptions& 
   a.dim = int32_t(D);
   a.nqb = int32_t(nqb);
   a.nkb = int32_t(nkb);
-  a.npow2 = 1;
+  a.npad = int32_t((nkb + 127) / 128 * 128);
+  a.npow2 = 2;
   while (a.npow2 < a.nkb) a.npow2 <<= 1;
   a.block_q = geo.block_q;
   a.block_k = geo.block_k;
@@ -144,9 +145,9 @@ void select_hybrid(const TensorRef& q, const TensorRef& k, const HybridOptions& 
   const bool grouped = a.gqa != 0;
   int rows = 8;
   while (rows > 1 &&
-         select::select_smem_bytes(rows, a.dim, a.nkb, a.npow2, grouped) > size_t(max_smem))
+         select::select_smem_bytes(rows, a.dim, a.npad, a.npow2, grouped) > size_t(max_smem))
     rows /= 2;
-  const size_t smem = select::select_smem_bytes(rows, a.dim, a.nkb, a.npow2, grouped);
+  const size_t smem = select::select_smem_bytes(rows, a.dim, a.npad, a.npow2, grouped);
   SPATTN_CHECK(smem <= size_t(max_smem), where, ": a selector row needs ", smem,
                " bytes of shared memory, more than the device's ", max_smem,
                "; use fewer kv blocks (larger block_k)");
@@ -165,8 +166,8 @@ void select_hybrid(const TensorRef& q, const TensorRef& k, const HybridOptions& 
 
   cudaError_t e = cudaSuccess;
   if (stages & kStagePool) {
-    e = select::launch_pool(pool_args(q, geo.block_q, qbar, false), stream);
-    if (e == cudaSuccess) e = select::launch_pool(pool_args(k, geo.block_k, kbar_t, true), stream);
+    e = select::launch_pool(pool_args(q, geo.block_q, qbar, false),
+                            pool_args(k, geo.block_k, kbar_t, true), stream);
   }
   if (e == cudaSuccess && (stages & kStageSelect)) e = select::launch_select(a, smem, stream);
   const cudaError_t freed = cudaFreeAsync(ws, stream);

@@ -1,16 +1,20 @@
 // GPU hybrid Top-k ∪ Top-p selector and dense-under-rule plan writer.
 //
 // Two launches per selection, both stream-ordered and free of host synchronisation:
-//   pool    q (B, Hq, Nq, D) -> qbar (B, Hq, nqb, D); k (B, Hkv, Nk, D) -> kbar_t (B, Hkv, D, nkb)
-//           one thread per (block, 16-byte column chunk): the tokens of a block are summed in
-//           ascending order, so every input byte is read once with 16-byte loads;
+//   pool    q (B, Hq, Nq, D) -> qbar (B, Hq, nqb, D) and k (B, Hkv, Nk, D) -> kbar_t (B, Hkv, D, nkb)
+//           in one launch: a CTA pools one block at a time, staging up to 32 KiB of it (tokens x
+//           dims) in shared memory with asynchronous 16-byte copies, then thread d sums column d
+//           over the staged tokens in ascending order;
 //   select  one CTA per (b, plan head, rows_per_cta query blocks): scores for those rows against
-//           every kv block (pooled keys read once per CTA), softmax, rank (bitonic sort of
-//           (key, index) pairs, one warp per row), Top-k ∪ Top-p, sinks and band, then the row is
-//           written as the ascending full run followed by the ascending partial run.
-// Every float operation follows the orders of docs/selectors.md with explicitly rounded
-// intrinsics (__fadd_rn, __fmul_rn, __fdiv_rn, fmaf) so that nvcc cannot contract or reorder
-// them: plans equal the CPU selector's except where expf rounds differently (documented).
+//           every kv block (pooled keys read once per CTA), softmax, then per row (one warp): a
+//           search on the ordered key bits finds a small candidate set {key >= v} that holds the
+//           Top-k blocks and (with a rounding margin) the Top-p mass, only the candidates are
+//           sorted, the Top-p prefix is summed in ranked order, and the row is written as the
+//           ascending full run followed by the ascending partial run.
+// Every float operation that decides a plan follows the orders of docs/selectors.md with
+// explicitly rounded intrinsics (__fadd_rn, __fmul_rn, __fdiv_rn, fmaf) so that nvcc cannot
+// contract or reorder them: plans equal the CPU selector's except where expf rounds differently
+// (documented).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -34,99 +38,132 @@ template <> __device__ __forceinline__ float to_f32(double x) { return __double2
 template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <> __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 
-// VEC elements from p (16 bytes when VEC * sizeof(T) == 16, else element by element).
-template <class T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, int64_t elem_stride, float (&out)[VEC]) {
-  if constexpr (VEC * sizeof(T) == 16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-    // Unpacked from the 32-bit words (no round trip through a local array of T).
-    if constexpr (sizeof(T) == 2) {
+// Copies tokens [0, nt) x dims [0, D) of `base` (16-byte aligned rows, unit dim stride) into
+// stage (nt, D) as they are, with asynchronous 16-byte copies: no registers hold the data, so
+// every thread issues all of its copies (16 for a 128-token bf16 block of D = 128) back to back
+// and the CTA keeps the whole stretch of the block in flight.
+template <class T>
+__device__ __forceinline__ void stage_raw(const T* base, int64_t token_stride, int nt, int D,
+                                          unsigned char* stage) {
+  constexpr int kVec = int(16 / sizeof(T));
+  const int chunks = D / kVec, total = nt * chunks;
+  for (int e = threadIdx.x; e < total; e += kPoolThreads) {
+    const int t = e / chunks, c = e - t * chunks;
+    const T* src = base + t * token_stride + c * kVec;
+    // Chunk (t, c) lands at byte 16 e = (t D + c kVec) sizeof(T): the (nt, D) layout.
+    const uint32_t dst = uint32_t(__cvta_generic_to_shared(stage + size_t(e) * 16));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+  }
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Converts tokens [0, nt) x dims [0, D) of `base` (any strides) into stage (nt, D) float32. Each
+// thread first issues kLoads independent loads, then converts and stores them.
+template <class T>
+__device__ __forceinline__ void stage_converted(const T* base, int64_t token_stride,
+                                                int64_t elem_stride, int nt, int D, float* stage) {
+  constexpr int kLoads = 8;
+  const int total = nt * D;
+  for (int e0 = 0; e0 < total; e0 += kLoads * kPoolThreads) {
+    T raw[kLoads];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-          out[2 * i] = __uint_as_float(w[i] << 16);  // bf16 -> f32 is exact: the top half
-          out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        } else {
-          out[2 * i] = __half2float(__ushort_as_half(uint16_t(w[i] & 0xffffu)));
-          out[2 * i + 1] = __half2float(__ushort_as_half(uint16_t(w[i] >> 16)));
-        }
+    for (int u = 0; u < kLoads; ++u) {
+      const int e = e0 + u * kPoolThreads + int(threadIdx.x);
+      if (e < total) {
+        const int t = e / D, d = e - t * D;
+        raw[u] = base[t * token_stride + d * elem_stride];
       }
-    } else if constexpr (sizeof(T) == 4) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
-    } else {
-      out[0] = __double2float_rn(__hiloint2double(int(w[1]), int(w[0])));
-      out[1] = __double2float_rn(__hiloint2double(int(w[3]), int(w[2])));
     }
-  } else {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) out[v] = to_f32(p[v * elem_stride]);
+    for (int u = 0; u < kLoads; ++u) {
+      const int e = e0 + u * kPoolThreads + int(threadIdx.x);
+      if (e < total) stage[e] = to_f32(raw[u]);
+    }
   }
 }
 
-// Thread (slice bh, block, chunk c) sums dims [c*VEC, c*VEC + VEC) over the block's tokens in
-// ascending order, then divides once by the token count (tail blocks: their real tokens).
-template <class T, int VEC>
-__global__ void __launch_bounds__(256) pool_kernel(PoolArgs a) {
-  const int chunks = a.dim / VEC;
-  const int64_t gid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t total = int64_t(a.batch) * a.heads * a.blocks * chunks;
-  if (gid >= total) return;
-  const int c = int(gid % chunks);
-  const int64_t blk = (gid / chunks) % a.blocks;
-  const int64_t bh = gid / (int64_t(chunks) * a.blocks);
-  const int64_t b = bh / a.heads, h = bh % a.heads;
-  const int64_t n0 = blk * a.block;
-  const int count = int(min(int64_t(a.block), a.len - n0));
-  const T* base = static_cast<const T*>(a.src) + b * a.stride[0] + h * a.stride[1] +
-                  n0 * a.stride[2] + int64_t(c) * VEC * a.stride[3];
-  float sum[VEC];
+// sum[j] += column (threadIdx.x + j kPoolThreads) of stage (nt, D), tokens in ascending order.
+template <class U>
+__device__ __forceinline__ void add_columns(const U* stage, int nt, int D, float (&sum)[2]) {
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) sum[v] = 0.0f;
-  // Loads of U tokens are issued before their additions so that several 16-byte requests are
-  // in flight per thread; the additions stay in token order.
-  constexpr int U = 8;
-  int t = 0;
-  for (; t + U <= count; t += U) {
-    float x[U][VEC];
-#pragma unroll
-    for (int u = 0; u < U; ++u) load_vec<T, VEC>(base + int64_t(t + u) * a.stride[2], a.stride[3], x[u]);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) sum[v] = __fadd_rn(sum[v], x[u][v]);
-  }
-  for (; t < count; ++t) {
-    float x[VEC];
-    load_vec<T, VEC>(base + int64_t(t) * a.stride[2], a.stride[3], x);
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) sum[v] = __fadd_rn(sum[v], x[v]);
-  }
-  const float n = float(count);
-  if (!a.transposed) {
-    float* dst = a.dst + (bh * a.blocks + blk) * a.dim + c * VEC;
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) dst[v] = __fdiv_rn(sum[v], n);
-  } else {
-    float* dst = a.dst + (bh * a.dim + int64_t(c) * VEC) * a.blocks + blk;
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) dst[int64_t(v) * a.blocks] = __fdiv_rn(sum[v], n);
+  for (int j = 0; j < 2; ++j) {
+    const int d = int(threadIdx.x) + j * kPoolThreads;
+    if (d < D) {
+      float acc = sum[j];
+#pragma unroll 8
+      for (int t = 0; t < nt; ++t) acc = __fadd_rn(acc, to_f32(stage[t * D + d]));
+      sum[j] = acc;
+    }
   }
 }
 
 template <class T>
-cudaError_t launch_pool_typed(const PoolArgs& a, cudaStream_t stream) {
-  constexpr int kVec = int(16 / sizeof(T));
-  const int vec = a.vectorized ? kVec : 1;
-  const int64_t threads = int64_t(a.batch) * a.heads * a.blocks * (a.dim / vec);
-  if (threads == 0) return cudaSuccess;
-  const unsigned grid = unsigned((threads + 255) / 256);
-  if (a.vectorized)
-    pool_kernel<T, kVec><<<grid, 256, 0, stream>>>(a);
-  else
-    pool_kernel<T, 1><<<grid, 256, 0, stream>>>(a);
-  return cudaGetLastError();
+__device__ __forceinline__ void sum_block(const PoolArgs& a, const void* block_base, int count,
+                                          unsigned char* stage, float (&sum)[2]) {
+  const T* base = static_cast<const T*>(block_base);
+  const int D = a.dim;
+  const int per_stage = max(1, kPoolStageBytes / (D * int(a.vectorized ? sizeof(T) : 4)));
+  for (int t0 = 0; t0 < count; t0 += per_stage) {
+    const int nt = min(per_stage, count - t0);
+    const T* p = base + int64_t(t0) * a.stride[2];
+    if (a.vectorized) {
+      stage_raw<T>(p, a.stride[2], nt, D, stage);
+      __syncthreads();
+      add_columns(reinterpret_cast<const T*>(stage), nt, D, sum);
+    } else {
+      stage_converted<T>(p, a.stride[2], a.stride[3], nt, D, reinterpret_cast<float*>(stage));
+      __syncthreads();
+      add_columns(reinterpret_cast<const float*>(stage), nt, D, sum);
+    }
+    __syncthreads();  // the next stage overwrites the buffer
+  }
+}
+
+// Block `item` (slice-major) of one input: per dim, the float32 sum of the block's tokens in
+// ascending order (inputs converted to float32 first), then one division by the token count
+// (tail blocks: their real tokens). Called by every thread of the CTA (it synchronises).
+__device__ __forceinline__ void pool_block(const PoolArgs& a, int64_t item, unsigned char* stage) {
+  static_assert(2 * kPoolThreads >= 256, "a thread owns at most two dims (D <= 256)");
+  const int64_t blk = item % a.blocks, bh = item / a.blocks;
+  const int64_t b = bh / a.heads, h = bh % a.heads;
+  const int64_t n0 = blk * a.block;
+  const int count = int(min(int64_t(a.block), a.len - n0));
+  const int D = a.dim, tid = threadIdx.x;
+  const int64_t es = a.dtype == InDType::f64 ? 8 : a.dtype == InDType::f32 ? 4 : 2;
+  const void* base = static_cast<const char*>(a.src) +
+                     (b * a.stride[0] + h * a.stride[1] + n0 * a.stride[2]) * es;
+  float sum[2] = {0.0f, 0.0f};
+  switch (a.dtype) {
+    case InDType::f32: sum_block<float>(a, base, count, stage, sum); break;
+    case InDType::bf16: sum_block<__nv_bfloat16>(a, base, count, stage, sum); break;
+    case InDType::f16: sum_block<__half>(a, base, count, stage, sum); break;
+    case InDType::f64: sum_block<double>(a, base, count, stage, sum); break;
+  }
+  const float n = float(count);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int d = tid + j * kPoolThreads;
+    if (d >= D) continue;
+    const float mean = __fdiv_rn(sum[j], n);
+    if (!a.transposed)
+      a.dst[(bh * a.blocks + blk) * D + d] = mean;
+    else
+      a.dst[(bh * D + d) * a.blocks + blk] = mean;
+  }
+}
+
+// Blocks of q first (they are the larger ones when block_q > block_k), then blocks of k.
+__global__ void __launch_bounds__(kPoolThreads) pool_kernel(const PoolArgs q, const PoolArgs k) {
+  __shared__ __align__(16) unsigned char stage[kPoolStageBytes];
+  const int64_t q_items = int64_t(q.batch) * q.heads * q.blocks;
+  const int64_t items = q_items + int64_t(k.batch) * k.heads * k.blocks;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    if (item < q_items)
+      pool_block(q, item, stage);
+    else
+      pool_block(k, item - q_items, stage);
+  }
 }
 
 // ---- tile classification (PlanGeometry::classify) ---------------------------------------------
@@ -173,6 +210,7 @@ __device__ void write_row(Kind kind, int nkb, int32_t* index, int32_t* num_full,
 // ---- selection ------------------------------------------------------------------------------
 
 // Order-preserving map of a float to uint32 (+0 and -0 merged: they compare equal on the CPU).
+// Every non-NaN float maps to a value >= 0x007fffff, so 0 is free to mark "not allowed".
 __device__ __forceinline__ uint32_t ordered_bits(float f) {
   const uint32_t u = __float_as_uint(f == 0.0f ? 0.0f : f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -181,14 +219,14 @@ __device__ __forceinline__ float from_ordered_bits(uint32_t u) {
   return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
 }
 // (key descending, index ascending) as one descending uint64; 0 = no block (sorts last).
-__device__ __forceinline__ uint64_t rank_key(float key, int kb) {
-  return (uint64_t(ordered_bits(key)) << 32) | uint64_t(0xffffffffu - uint32_t(kb));
+__device__ __forceinline__ uint64_t rank_key(uint32_t key_bits, int kb) {
+  return (uint64_t(key_bits) << 32) | uint64_t(0xffffffffu - uint32_t(kb));
 }
 __device__ __forceinline__ int rank_index(uint64_t k) { return int(0xffffffffu - uint32_t(k)); }
 __device__ __forceinline__ float rank_value(uint64_t k) { return from_ordered_bits(uint32_t(k >> 32)); }
 
 // Descending bitonic sort of n (a power of two) keys in shared memory by one warp.
-__device__ void warp_bitonic_sort_desc(uint64_t* x, int n, int lane) {
+__device__ __forceinline__ void warp_bitonic_sort_desc(uint64_t* x, int n, int lane) {
   for (int k = 2; k <= n; k <<= 1) {
     for (int j = k >> 1; j > 0; j >>= 1) {
       for (int t = lane; t < n / 2; t += 32) {
@@ -206,18 +244,44 @@ __device__ void warp_bitonic_sort_desc(uint64_t* x, int n, int lane) {
   }
 }
 
-// Float32 sum of v over kb ascending, v = 0 where !valid (adding +0 changes no partial sum),
-// computed identically by every lane of the warp: the values are exchanged by shuffles and
-// each lane adds all of them in order.
-template <class F>
-__device__ float warp_ordered_sum(int nkb, int lane, F value) {
+// Float32 sum of x[0, len) in ascending order (len a multiple of 8, x 16-byte aligned), computed
+// identically by every lane: the reads are broadcasts and independent of the running sum, so
+// they are issued ahead of the dependent additions.
+__device__ __forceinline__ float ordered_sum(const float* x, int len) {
+  const float4* x4 = reinterpret_cast<const float4*>(x);
   float total = 0.0f;
-  for (int base = 0; base < nkb; base += 32) {
-    const float v = base + lane < nkb ? value(base + lane) : 0.0f;
-    const int len = min(32, nkb - base);
-    for (int j = 0; j < len; ++j) total = __fadd_rn(total, __shfl_sync(kFull, v, j));
+#pragma unroll 2
+  for (int i = 0; i < len / 4; i += 2) {
+    const float4 a = x4[i], b = x4[i + 1];
+    total = __fadd_rn(total, a.x);
+    total = __fadd_rn(total, a.y);
+    total = __fadd_rn(total, a.z);
+    total = __fadd_rn(total, a.w);
+    total = __fadd_rn(total, b.x);
+    total = __fadd_rn(total, b.y);
+    total = __fadd_rn(total, b.z);
+    total = __fadd_rn(total, b.w);
   }
   return total;
+}
+
+// Length of the shortest prefix of w[0, len) whose float32 sum (ascending order) is >= threshold,
+// or -1 when the whole range stays below it. Identical in every lane.
+__device__ __forceinline__ int ranked_prefix(const float* w, int len, float threshold) {
+  float cum = 0.0f;
+  for (int base = 0; base < len; base += 8) {
+    float x[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) x[u] = base + u < len ? w[base + u] : 0.0f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (base + u < len) {
+        cum = __fadd_rn(cum, x[u]);
+        if (cum >= threshold) return base + u + 1;
+      }
+    }
+  }
+  return -1;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -230,19 +294,70 @@ __device__ __forceinline__ int warp_sum(int v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
   return v;
 }
+// Butterfly: every lane adds the same two operands at every level, so all lanes agree exactly.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+__device__ __forceinline__ uint32_t warp_min(uint32_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
 
-// Shared memory per CTA (R = rows_per_cta):
-//   keys  (R, npow2) uint64   ranking keys, then sorted
+// Number of blocks with key bits >= c and (when `mass`) their weight sum, in any order: only
+// used to choose the candidate set, never to decide the plan. bits and w have npad entries
+// (a multiple of 128); entries past the row and forbidden blocks hold bits 0 and weight 0.
+__device__ __forceinline__ void count_above(const uint32_t* bits, const float* w, int npad,
+                                            uint32_t c, bool mass, int lane, int& count,
+                                            float& weight) {
+  const uint4* b4 = reinterpret_cast<const uint4*>(bits);
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  int n = 0;
+  float s = 0.0f;
+  for (int i = lane; i < npad / 4; i += 32) {
+    const uint4 k = b4[i];
+    n += int(k.x >= c) + int(k.y >= c) + int(k.z >= c) + int(k.w >= c);
+    if (mass) {
+      const float4 x = w4[i];
+      s += (k.x >= c ? x.x : 0.0f) + (k.y >= c ? x.y : 0.0f) + (k.z >= c ? x.z : 0.0f) +
+           (k.w >= c ? x.w : 0.0f);
+    }
+  }
+  count = warp_sum(n);
+  weight = mass ? warp_sum(s) : 0.0f;
+}
+
+// The candidate set {key >= v} must hold the whole Top-p prefix; it is chosen with weight sums
+// taken in another order than the ranked one, so it must carry at least this much more mass
+// than the threshold. Both sums are within n * 2^-24 (relative) of the exact mass, n <= 8192,
+// so 2^-7 leaves a wide margin; a miss is still caught and redone over every allowed block.
+constexpr float kMassMargin = 1.0f + 1.0f / 128.0f;
+// The bisection stops once the candidate set is this small (or twice the Top-k count).
+constexpr int kSmallCandidates = 64;
+
+// Shared memory per CTA (R = rows_per_cta, P = npad):
+//   s     (R, P)     float    scores of the current head; then the row's key bits (uint32, 0 =
+//                             forbidden); at the end its tile kinds (int32)
+//   wt    (R, P)     float    per head: softmax weights e = expf(s - m); later ranked weights
+//   acc   (R, P)     float    group modes only: the combined probability row (its weights)
+//   cand  (R, npow2) uint64   candidate (key, index) pairs, sorted
 //   qs    (R, D)     float    pooled queries of the current query head
-//   s     (R, nkb)   float    scores of the current head; later the row's tile kinds (int32)
-//   acc   (R, nkb)   float    group modes: the combined probability row
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int R = a.rows_per_cta, D = a.dim, nkb = a.nkb;
-  uint64_t* keys = reinterpret_cast<uint64_t*>(smem);
-  float* qs = reinterpret_cast<float*>(keys + size_t(R) * a.npow2);
-  float* s = qs + size_t(R) * D;
-  float* acc = s + size_t(R) * nkb;
+  const int R = a.rows_per_cta, D = a.dim, nkb = a.nkb, P = a.npad;
+  const bool grouped = a.gqa != 0;
+  float* s = reinterpret_cast<float*>(smem);
+  float* wt = s + size_t(R) * P;
+  float* acc = wt + size_t(R) * P;
+  uint64_t* cand = reinterpret_cast<uint64_t*>(acc + (grouped ? size_t(R) * P : 0));
+  float* qs = reinterpret_cast<float*>(cand + size_t(R) * a.npow2);
 
   const int qb0 = blockIdx.x * R;
   const int h = blockIdx.y;  // plan head
@@ -250,9 +365,24 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   const int rows = min(R, a.nqb - qb0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   constexpr int kWarps = kSelectThreads / 32;
-  const bool grouped = a.gqa != 0;
   const int heads_here = grouped ? a.group : 1;
   const int hkv = grouped ? h : h / a.group;
+  // The allowed kv blocks of a query block form one interval (a tile's offset range only moves
+  // up with kb), found with one classify per block; later tests are two comparisons.
+  auto allowed_range = [&](int64_t qb) {
+    int first = 0x7fffffff, last = -1;
+    for (int kb = lane; kb < nkb; kb += 32)
+      if (classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi)) {
+        first = min(first, kb);
+        last = max(last, kb);
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      first = min(first, __shfl_xor_sync(kFull, first, o));
+      last = max(last, __shfl_xor_sync(kFull, last, o));
+    }
+    return make_int2(first, last);
+  };
 
   for (int g = 0; g < heads_here; ++g) {
     const int hq = grouped ? h * a.group + g : h;
@@ -261,38 +391,53 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
     for (int i = tid; i < rows * D; i += kSelectThreads) qs[i] = qsrc[i];
     __syncthreads();
 
-    // Scores: thread per kv block, R accumulators; acc = fma(q̄[d], k̄[d], acc) for d ascending
-    // from 0, then × scale. kbar_t is (D, nkb), so a warp reads consecutive kv blocks.
+    // Scores: acc = fma(q̄[d], k̄[d], acc) for d ascending from 0, then × scale. kbar_t is
+    // (D, nkb), so a warp reads consecutive kv blocks.
     const float* kt = a.kbar_t + (int64_t(b) * a.heads_kv + hkv) * int64_t(D) * nkb;
-    for (int kb = tid; kb < nkb; kb += kSelectThreads) {
-      float sc[8];
+    if (R == 8 && (D & 3) == 0) {
+      // Every shape attention runs: a thread owns two kv blocks and eight rows, q̄ comes as
+      // 16-byte broadcasts. Rows past `rows` (the last tile of query blocks) read unset q̄
+      // and are never used.
+      for (int kb0 = tid; kb0 < nkb; kb0 += 2 * kSelectThreads) {
+        const int kb1 = kb0 + kSelectThreads;
+        const bool second = kb1 < nkb;
+        const int kb1_read = second ? kb1 : kb0;  // loads stay in bounds
+        float sc0[8], sc1[8];
 #pragma unroll
-      for (int r = 0; r < 8; ++r) sc[r] = 0.0f;
-      // R == 8 with D % 4 == 0 (every shape attention runs): 16-byte reads of q̄. Rows past
-      // `rows` (the last tile of query blocks) read unset q̄ and are never used.
-      if (R == 8 && (D & 3) == 0) {
-#pragma unroll 2
+        for (int r = 0; r < 8; ++r) sc0[r] = sc1[r] = 0.0f;
         for (int d = 0; d < D; d += 4) {
-          const float k0 = kt[int64_t(d) * nkb + kb], k1 = kt[int64_t(d + 1) * nkb + kb];
-          const float k2 = kt[int64_t(d + 2) * nkb + kb], k3 = kt[int64_t(d + 3) * nkb + kb];
+          float k0[4], k1[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            k0[i] = kt[int64_t(d + i) * nkb + kb0];
+            k1[i] = kt[int64_t(d + i) * nkb + kb1_read];
+          }
 #pragma unroll
           for (int r = 0; r < 8; ++r) {
             const float4 qv = *reinterpret_cast<const float4*>(qs + r * D + d);
-            sc[r] = fmaf(qv.x, k0, sc[r]);
-            sc[r] = fmaf(qv.y, k1, sc[r]);
-            sc[r] = fmaf(qv.z, k2, sc[r]);
-            sc[r] = fmaf(qv.w, k3, sc[r]);
+            sc0[r] = fmaf(qv.x, k0[0], sc0[r]);
+            sc0[r] = fmaf(qv.y, k0[1], sc0[r]);
+            sc0[r] = fmaf(qv.z, k0[2], sc0[r]);
+            sc0[r] = fmaf(qv.w, k0[3], sc0[r]);
+            sc1[r] = fmaf(qv.x, k1[0], sc1[r]);
+            sc1[r] = fmaf(qv.y, k1[1], sc1[r]);
+            sc1[r] = fmaf(qv.z, k1[2], sc1[r]);
+            sc1[r] = fmaf(qv.w, k1[3], sc1[r]);
           }
         }
 #pragma unroll
-        for (int r = 0; r < 8; ++r) s[r * nkb + kb] = __fmul_rn(sc[r], a.scale);
-      } else {
+        for (int r = 0; r < 8; ++r) {
+          s[r * P + kb0] = __fmul_rn(sc0[r], a.scale);
+          if (second) s[r * P + kb1] = __fmul_rn(sc1[r], a.scale);
+        }
+      }
+    } else {
+      for (int kb = tid; kb < nkb; kb += kSelectThreads)
         for (int r = 0; r < rows; ++r) {
           float x = 0.0f;
           for (int d = 0; d < D; ++d) x = fmaf(qs[r * D + d], kt[int64_t(d) * nkb + kb], x);
-          s[r * nkb + kb] = __fmul_rn(x, a.scale);
+          s[r * P + kb] = __fmul_rn(x, a.scale);
         }
-      }
     }
     __syncthreads();
 
@@ -301,21 +446,22 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
       // into acc in ascending head order (sum, later / G; or fmaxf).
       for (int r = warp; r < rows; r += kWarps) {
         const int64_t qb = qb0 + r;
-        float* sr = s + r * nkb;
-        float* ar = acc + r * nkb;
+        const float* sr = s + r * P;
+        float* er = wt + r * P;
+        float* ar = acc + r * P;
+        const int2 range = allowed_range(qb);
+        auto allowed = [range](int kb) { return kb >= range.x && kb <= range.y; };
         float m = -INFINITY;
         for (int kb = lane; kb < nkb; kb += 32)
-          if (classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi))
-            m = fmaxf(m, sr[kb]);
+          if (allowed(kb)) m = fmaxf(m, sr[kb]);
         m = warp_max(m);
-        const float z = warp_ordered_sum(nkb, lane, [&](int kb) {
-          return classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi)
-                     ? expf(__fsub_rn(sr[kb], m))
-                     : 0.0f;
-        });
+        for (int kb = lane; kb < P; kb += 32)
+          er[kb] = allowed(kb) ? expf(__fsub_rn(sr[kb], m)) : 0.0f;
+        __syncwarp();
+        const float z = ordered_sum(er, P);  // forbidden blocks add +0: no partial sum changes
         for (int kb = lane; kb < nkb; kb += 32) {
-          if (!classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi)) continue;
-          const float pr = __fdiv_rn(expf(__fsub_rn(sr[kb], m)), z);
+          if (!allowed(kb)) continue;
+          const float pr = __fdiv_rn(er[kb], z);
           if (g == 0)
             ar[kb] = pr;  // mean: 0 + pr == pr; max: fmaxf(-inf, pr) == pr
           else
@@ -329,93 +475,160 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   // Ranking and selection, one warp per row.
   for (int r = warp; r < rows; r += kWarps) {
     const int64_t qb = qb0 + r;
-    float* sr = s + r * nkb;
-    float* ar = acc + r * nkb;
-    uint64_t* kr = keys + size_t(r) * a.npow2;
-    int32_t* kind = reinterpret_cast<int32_t*>(sr);  // reuses the score row once keys are built
+    float* sr = s + r * P;
+    uint32_t* bits = reinterpret_cast<uint32_t*>(sr);  // replaces the scores in place
+    float* w = grouped ? acc + r * P : wt + r * P;
+    uint64_t* cr = cand + size_t(r) * a.npow2;
+    const int2 range = allowed_range(qb);
+    auto allowed = [range](int kb) { return kb >= range.x && kb <= range.y; };
 
-    // Keys of allowed blocks (score per head; combined probability per group), their count n
-    // and the per-head softmax max m.
-    int n_local = 0;
+    // Per head the key is the score and the weight e = expf(s - m); per group both are the
+    // combined probability. Key bits, weights, the count n of allowed blocks and the key range.
     float m = -INFINITY;
-    for (int kb = lane; kb < a.npow2; kb += 32) {
-      const bool ok = kb < nkb &&
-                      classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi);
-      float key = 0.0f;
+    if (!grouped) {
+      for (int kb = lane; kb < nkb; kb += 32)
+        if (allowed(kb)) m = fmaxf(m, sr[kb]);
+      m = warp_max(m);
+    }
+    int n_local = 0;
+    uint32_t kmin = 0xffffffffu, kmax = 0;
+    for (int kb = lane; kb < P; kb += 32) {
+      const bool ok = allowed(kb);
+      float key = 0.0f, weight = 0.0f;
       if (ok) {
         if (grouped) {
-          key = a.gqa == 1 ? __fdiv_rn(ar[kb], float(a.group)) : ar[kb];
-          ar[kb] = key;
+          key = a.gqa == 1 ? __fdiv_rn(w[kb], float(a.group)) : w[kb];
+          weight = key;
         } else {
           key = sr[kb];
+          weight = expf(__fsub_rn(key, m));
         }
-        m = fmaxf(m, key);
-        ++n_local;
       }
-      kr[kb] = ok ? rank_key(key, kb) : 0ull;
+      const uint32_t kbits = ok ? ordered_bits(key) : 0u;
+      w[kb] = weight;
+      bits[kb] = kbits;
+      if (ok) {
+        ++n_local;
+        kmin = min(kmin, kbits);
+        kmax = max(kmax, kbits);
+      }
     }
+    const uint32_t lane_max = kmax;  // 0 when the lane holds no allowed block
     const int n = warp_sum(n_local);
-    m = warp_max(m);
+    kmin = warp_min(kmin);
+    kmax = warp_max(kmax);
     __syncwarp();
 
-    const int hopt = h;
-    const double tk = a.num_top_k == 1 ? a.top_k[0] : a.top_k[hopt];
-    const double tp = a.num_top_p == 1 ? a.top_p[0] : a.top_p[hopt];
+    const double tk = a.num_top_k == 1 ? a.top_k[0] : a.top_k[h];
+    const double tp = a.num_top_p == 1 ? a.top_p[0] : a.top_p[h];
     int count = 0;
     // k·n within 1e-9 of an integer counts as that integer (as on the CPU); explicit rounding
     // keeps nvcc from contracting the product and the difference into one fma.
     if (n > 0 && tk > 0.0) count = min(max(int(ceil(__dsub_rn(__dmul_rn(tk, double(n)), 1e-9))), 1), n);
     if (n > 0 && tp >= 1.0) count = n;
     const bool mass = n > 0 && tp > 0.0 && count < n;
-
+    // The plan row is the first `kept` blocks of the ranking: max(Top-k count, Top-p count).
     int kept = count;
-    if (n > 0 && (count < n || mass)) {
-      float threshold = 0.0f;
+
+    if (n > 0 && count < n && (mass || count > 0)) {
+      float threshold = 0.0f, threshold_margin = 0.0f;
       if (mass) {
         // Top-p threshold: p × (sum of the weights over allowed blocks, ascending block order).
-        const float total = warp_ordered_sum(nkb, lane, [&](int kb) {
-          if (!classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi))
-            return 0.0f;
-          return grouped ? ar[kb] : expf(__fsub_rn(sr[kb], m));
-        });
-        threshold = __fmul_rn(float(tp), total);
+        threshold = __fmul_rn(float(tp), ordered_sum(w, P));
+        threshold_margin = __fmul_rn(threshold, kMassMargin);
       }
-      __syncwarp();
-      warp_bitonic_sort_desc(kr, a.npow2, lane);
-      if (mass) {
-        // Prefix sums of the weights in ranked order; stop at the first prefix >= threshold.
-        int cp = n;  // float rounding may leave the threshold unreached: keep every block
-        float cum = 0.0f;
-        bool reached = false;
-        for (int base = 0; base < n && !reached; base += 32) {
-          float w = 0.0f;
-          if (base + lane < n) {
-            const float key = rank_value(kr[base + lane]);
-            w = grouped ? key : expf(__fsub_rn(key, m));
-          }
-          const int len = min(32, n - base);
-          for (int j = 0; j < len; ++j) {
-            cum = __fadd_rn(cum, __shfl_sync(kFull, w, j));
-            if (cum >= threshold) {
-              cp = base + j + 1;
-              reached = true;
-              break;
-            }
+      // Candidates {key bits >= v}: a prefix of the ranking (equal keys enter together). v is
+      // raised only while the set still holds `need` blocks and (Top-p) the threshold's mass
+      // with margin, and stops once the set is small.
+      const int need = max(count, mass ? 1 : 0);
+      const int enough = max(kSmallCandidates, 2 * need);
+      uint32_t v = 0;
+      int cand_count = n;
+      if (need <= 32 && cand_count > enough) {
+        // First guess: the need-th largest of the lanes' maxima, found on 32 values by ballots.
+        // At least `need` blocks reach it; on peaked rows usually few more, so one pass over
+        // the row often settles the candidates.
+        uint32_t x = 0;
+        for (int bit = 31; bit >= 0; --bit) {
+          const uint32_t c = x | (1u << bit);
+          if (__popc(__ballot_sync(kFull, lane_max >= c)) >= need) x = c;
+        }
+        if (x > kmin) {
+          int cnt;
+          float weight;
+          count_above(bits, w, P, x, mass, lane, cnt, weight);
+          if (cnt >= need && (!mass || weight >= threshold_margin)) {
+            v = x;
+            cand_count = cnt;
           }
         }
-        kept = max(count, cp);
+      }
+      // Then bits from the top: any v that keeps the conditions is correct, a larger one only
+      // leaves fewer candidates to sort.
+      for (int bit = 31; bit >= 0 && cand_count > enough; --bit) {
+        const uint32_t c = v | (1u << bit);
+        if (c == v) continue;    // v already has this bit (v came from the first guess)
+        if (c > kmax) continue;  // no block reaches c: too few
+        if (c <= kmin) {         // every allowed block reaches c: the set is unchanged
+          v = c;
+          continue;
+        }
+        int cnt;
+        float weight;
+        count_above(bits, w, P, c, mass, lane, cnt, weight);
+        if (cnt >= need && (!mass || weight >= threshold_margin)) {
+          v = c;
+          cand_count = cnt;
+        }
+      }
+
+      kept = -1;
+      for (int attempt = 0; attempt < 2 && kept < 0; ++attempt) {
+        // Gather the candidates as ranking keys, pad to a power of two, sort descending.
+        const uint32_t v_min = max(v, 1u);  // 0 marks forbidden blocks
+        int c = 0;
+        for (int base = 0; base < P; base += 32) {
+          const uint32_t kbits = bits[base + lane];
+          const bool in = kbits >= v_min;
+          const unsigned ballot = __ballot_sync(kFull, in);
+          if (in) cr[c + __popc(ballot & ((1u << lane) - 1))] = rank_key(kbits, base + lane);
+          c += __popc(ballot);
+        }
+        int width = 2;
+        while (width < c) width <<= 1;
+        for (int i = c + lane; i < width; i += 32) cr[i] = 0ull;
+        __syncwarp();
+        warp_bitonic_sort_desc(cr, width, lane);
+        if (!mass) {
+          kept = count;  // c >= count: the bisection kept at least `need` blocks
+          break;
+        }
+        // Ranked weights (recomputed from the keys: the same expf of the same operands), then
+        // the prefix sums in ranked order, as on the CPU.
+        for (int i = lane; i < c; i += 32) {
+          const float key = rank_value(cr[i]);
+          w[i] = grouped ? key : expf(__fsub_rn(key, m));
+        }
+        __syncwarp();
+        const int cp = ranked_prefix(w, c, threshold);
+        __syncwarp();
+        if (cp > 0)
+          kept = max(count, cp);
+        else if (c == n)
+          kept = n;  // float rounding left the threshold unreached: keep every block
+        else
+          v = 0;     // the candidates fell short of the threshold: redo with every block
       }
     }
     __syncwarp();
 
     // Tile kinds of the kept blocks: the ranked prefix, the sinks, the band; the rule filters.
-    for (int kb = lane; kb < nkb; kb += 32) kind[kb] = 0;
+    int32_t* kind = reinterpret_cast<int32_t*>(sr);  // replaces the key bits
+    const bool keep_all = n > 0 && kept >= n;
+    for (int kb = lane; kb < nkb; kb += 32) kind[kb] = keep_all ? 1 : 0;
     __syncwarp();
-    if (kept == n) {
-      for (int kb = lane; kb < nkb; kb += 32) kind[kb] = 1;  // every allowed block
-    } else {
-      for (int i = lane; i < kept; i += 32) kind[rank_index(kr[i])] = 1;
-    }
+    if (!keep_all)
+      for (int i = lane; i < kept; i += 32) kind[rank_index(cr[i])] = 1;
     __syncwarp();
     const int64_t sinks = min(a.sink_blocks, int64_t(nkb));
     for (int kb = lane; kb < sinks; kb += 32) kind[kb] = 1;
@@ -455,14 +668,16 @@ __global__ void __launch_bounds__(256) dense_kernel(const DenseArgs a) {
 
 }  // namespace
 
-cudaError_t launch_pool(const PoolArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case InDType::f32: return launch_pool_typed<float>(a, stream);
-    case InDType::bf16: return launch_pool_typed<__nv_bfloat16>(a, stream);
-    case InDType::f16: return launch_pool_typed<__half>(a, stream);
-    case InDType::f64: return launch_pool_typed<double>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+cudaError_t launch_pool(const PoolArgs& q, const PoolArgs& k, cudaStream_t stream) {
+  for (const PoolArgs* a : {&q, &k})
+    if (a->dim < 1 || a->dim > 2 * kPoolThreads) return cudaErrorInvalidValue;
+  const int64_t items =
+      int64_t(q.batch) * q.heads * q.blocks + int64_t(k.batch) * k.heads * k.blocks;
+  if (items == 0) return cudaSuccess;
+  // The kernel strides over blocks, so any count fits the grid limit.
+  const unsigned grid = unsigned(min(items, int64_t(0x7fffffff)));
+  pool_kernel<<<grid, kPoolThreads, 0, stream>>>(q, k);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_select(const SelectArgs& a, size_t smem_bytes, cudaStream_t stream) {

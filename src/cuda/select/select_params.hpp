@@ -28,6 +28,11 @@ struct PoolArgs {
   bool vectorized = false;  // 16-byte loads: unit last stride, aligned pointer and strides
 };
 
+// Pooling kernel geometry: a CTA pools one block at a time, staging up to kPoolStageBytes of
+// it (tokens x dims) in shared memory; thread t owns dims t and t + kPoolThreads.
+inline constexpr int kPoolThreads = 128;
+inline constexpr int kPoolStageBytes = 32768;
+
 inline constexpr int kMaxHeadOptions = 128;  // = spattn::kMaxDeviceHeadOptions
 
 struct SelectArgs {
@@ -38,7 +43,9 @@ struct SelectArgs {
   int32_t* num_partial = nullptr;
   int64_t capacity = 0;
   int32_t batch = 0, heads_q = 0, heads_kv = 0, plan_heads = 0, group = 1, dim = 0;
-  int32_t nqb = 0, nkb = 0, npow2 = 1;  // npow2: sort width, a power of two >= nkb
+  int32_t nqb = 0, nkb = 0;
+  int32_t npad = 0;   // row stride of the per-block rows in shared memory: nkb rounded up to 128
+  int32_t npow2 = 2;  // sort buffer width: a power of two >= max(nkb, 2)
   int32_t block_q = 0, block_k = 0;
   int64_t q_len = 0, k_len = 0;
   int64_t d_lo = 0, d_hi = 0;  // allowed offsets (MaskRule::min_offset / max_offset)
@@ -64,12 +71,16 @@ struct DenseArgs {
 
 inline constexpr int kSelectThreads = 256;
 
-// Dynamic shared memory of the select kernel for `rows` query blocks per CTA.
-inline size_t select_smem_bytes(int rows, int dim, int nkb, int npow2, bool grouped) {
-  return size_t(rows) * (size_t(npow2) * 8 + size_t(dim) * 4 + size_t(nkb) * 4 * (grouped ? 2 : 1));
+// Dynamic shared memory of the select kernel for `rows` query blocks per CTA: per row the
+// score / key-bit row and the weight row (npad floats each; group modes add the combined row),
+// the candidate sort buffer (npow2 uint64) and the pooled query (dim floats).
+inline size_t select_smem_bytes(int rows, int dim, int npad, int npow2, bool grouped) {
+  return size_t(rows) *
+         (size_t(npad) * 4 * (grouped ? 3 : 2) + size_t(npow2) * 8 + size_t(dim) * 4);
 }
 
-cudaError_t launch_pool(const PoolArgs& a, cudaStream_t stream);
+// Pools q (into block means) and k (into transposed block means) in one launch.
+cudaError_t launch_pool(const PoolArgs& q, const PoolArgs& k, cudaStream_t stream);
 cudaError_t launch_select(const SelectArgs& a, size_t smem_bytes, cudaStream_t stream);
 cudaError_t launch_dense(const DenseArgs& a, cudaStream_t stream);
 
