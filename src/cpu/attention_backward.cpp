@@ -330,7 +330,7 @@ void backward_typed(const detail::AttentionProblem& p, const TensorRef& q, const
   const PlanGeometry geo = tile_geometry(p);
   const std::vector<A> delta = row_deltas<S, A>(p, out, dout);
   // bf16 on AVX-512 BF16 takes the native dot-product passes; everything else converts to A.
-  constexpr bool bf16_dot = std::is_same_v<S, bfloat16> && kernel::kHaveBf16Dot;
+  [[maybe_unused]] constexpr bool bf16_dot = std::is_same_v<S, bfloat16> && kernel::kHaveBf16Dot;
   if (p.batch * p.heads_q * p.q_len > 0) {
 #if defined(__AVX512BF16__)
     if constexpr (bf16_dot) {

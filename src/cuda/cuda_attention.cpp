@@ -15,6 +15,7 @@
 
 #include "cuda/launch.hpp"
 #include "cuda/runtime_check.hpp"
+#include "cuda/scratch.hpp"
 #include "cuda/sm90/backward_sm90.hpp"
 #include "cuda/sm90/launch_sm90.hpp"
 #include "spattn/error.hpp"
@@ -23,23 +24,6 @@ namespace spattn::cuda {
 namespace {
 
 // Stream-ordered scratch memory, released on the same stream.
-class Workspace {
- public:
-  Workspace(size_t bytes, cudaStream_t stream, const char* where) : stream_(stream) {
-    if (bytes > 0) check(cudaMallocAsync(&ptr_, bytes, stream), where, "cudaMallocAsync (workspace)");
-  }
-  ~Workspace() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);
-  }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  unsigned char* get() const { return static_cast<unsigned char*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 // Kernels move rows as 16-byte vectors: pointers 16-byte aligned, strides multiples of 8.
 void set_tensor(const char* where, const char* name, const TensorRef& t, const void*& ptr,
                 int64_t* stride) {
@@ -274,7 +258,7 @@ void backward(const detail::AttentionProblem& p, const TensorRef& q, const Tenso
     tplan_cap = size_t(std::max<int64_t>(p.plan->geo.num_q_blocks(), 1));
   }
   const size_t tplan_bytes = tplan_rows * (tplan_cap + 2) * sizeof(int32_t);
-  Workspace ws(2 * stat_bytes + tplan_bytes, stream, where);
+  Scratch ws(2 * stat_bytes + tplan_bytes, q.device.index, stream, where);
   a.lse2 = reinterpret_cast<float*>(ws.get());
   a.delta = reinterpret_cast<float*>(ws.get() + stat_bytes);
   if (a.source == TileSource::native) {

@@ -10,11 +10,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <string>
 
 #include "cuda/select/select_params.hpp"
 #include "cuda/runtime_check.hpp"
+#include "cuda/scratch.hpp"
 #include "spattn/error.hpp"
 
 namespace spattn::cuda {
@@ -52,47 +52,6 @@ select::PoolArgs pool_args(const TensorRef& t, int block, float* dst, bool trans
                  t.stride[0] % vec == 0 && t.stride[1] % vec == 0 && t.stride[2] % vec == 0 &&
                  t.shape[3] % vec == 0;
   return a;
-}
-
-// Scratch pool of the selector on one device. The default pool hands its memory back to the
-// driver at every synchronisation (release threshold 0), so a selector called between
-// synchronisations would map fresh memory each time (tens of microseconds). This pool keeps what
-// it has held (at most the largest scratch seen: the pooled q and k, 1/block of the inputs);
-// the caller's default pool is left as it is.
-cudaMemPool_t scratch_pool(int device, const char* where) {
-  constexpr int kMaxPools = 64;
-  static std::mutex mutex;
-  static cudaMemPool_t pools[kMaxPools] = {};
-  if (device < 0 || device >= kMaxPools) return nullptr;
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (!pools[device]) {
-    cudaMemPoolProps props = {};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = device;
-    cudaMemPool_t pool = nullptr;
-    check(cudaMemPoolCreate(&pool, &props), where, "cudaMemPoolCreate (selector scratch)");
-    uint64_t keep = UINT64_MAX;
-    check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), where,
-          "cudaMemPoolSetAttribute (selector scratch)");
-    pools[device] = pool;
-  }
-  return pools[device];
-}
-
-// Stream-ordered scratch: from the selector's pool, or (while the stream is being captured) from
-// cudaMallocAsync, whose memory the graph then owns.
-void* scratch_alloc(size_t bytes, int device, cudaStream_t stream, const char* where) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  check(cudaStreamIsCapturing(stream, &capture), where, "cudaStreamIsCapturing");
-  void* p = nullptr;
-  cudaMemPool_t pool = capture == cudaStreamCaptureStatusNone ? scratch_pool(device, where) : nullptr;
-  if (pool)
-    check(cudaMallocFromPoolAsync(&p, bytes, pool, stream), where,
-          "cudaMallocFromPoolAsync (selector scratch)");
-  else
-    check(cudaMallocAsync(&p, bytes, stream), where, "cudaMallocAsync (selector scratch)");
-  return p;
 }
 
 select::DenseArgs dense_args(const PlanBuffers& out) {
