@@ -189,7 +189,9 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
   float row_sum[2] = {0.f, 0.f};              // this thread's partial sums
 
-  const int count = walk.count;  // 64-key tiles
+  // A lane-0 shuffle tells the compiler the count is warp-uniform, so the loop counter, ring
+  // position and wgmma descriptors derived from it live in uniform registers.
+  const int count = __shfl_sync(0xffffffffu, walk.count, 0);  // 64-key tiles
   const int steps = (count + 1) / 2;
   // Every step multiplies all 128 keys of its stage, a half step included (its second tile
   // is a copy of the first, masked below): a branch between wgmma shapes writing the same
