@@ -6,11 +6,12 @@
 //           dims) in shared memory with asynchronous 16-byte copies, then thread d sums column d
 //           over the staged tokens in ascending order;
 //   select  one CTA per (b, plan head, rows_per_cta query blocks): scores for those rows against
-//           every kv block (pooled keys read once per CTA), softmax, then per row (one warp): a
-//           search on the ordered key bits finds a small candidate set {key >= v} that holds the
+//           the kv blocks the rule allows them (pooled keys read once per CTA), softmax, then
+//           per row (one warp), over the row's allowed interval only: a search on the ordered
+//           key bits (two bits per pass) finds a small candidate set {key >= v} that holds the
 //           Top-k blocks and (with a rounding margin) the Top-p mass, only the candidates are
-//           sorted, the Top-p prefix is summed in ranked order, and the row is written as the
-//           ascending full run followed by the ascending partial run.
+//           sorted (in registers up to 64), the Top-p prefix is summed in ranked order, and the
+//           row is written as the ascending full run followed by the ascending partial run.
 // Every float operation that decides a plan follows the orders of docs/selectors.md with
 // explicitly rounded intrinsics (__fadd_rn, __fmul_rn, __fdiv_rn, fmaf) so that nvcc cannot
 // contract or reorder them: plans equal the CPU selector's except where expf rounds differently
@@ -180,25 +181,26 @@ __device__ __forceinline__ int classify(int64_t qb, int64_t kb, int block_q, int
   return cut ? 1 : 2;
 }
 
-// Writes one plan row from per-kv-block tile kinds (kind(kb): 0 = not listed, 1 partial,
-// 2 full): the full run then the partial run, each ascending. One warp.
-template <class Kind>
-__device__ void write_row(Kind kind, int nkb, int32_t* index, int32_t* num_full,
-                          int32_t* num_partial, int lane) {
+// Writes one plan row from n entries in ascending block order, entry i being block id(i) with
+// tile kind kind(i) (0 = not listed, 1 partial, 2 full): the full run then the partial run,
+// each ascending. One warp.
+template <class Kind, class Id>
+__device__ void write_row(Kind kind, int n, int32_t* index, int32_t* num_full,
+                          int32_t* num_partial, int lane, Id id) {
   int nf = 0;
-  for (int base = 0; base < nkb; base += 32) {
-    const int kb = base + lane;
-    const bool f = kb < nkb && kind(kb) == 2;
+  for (int base = 0; base < n; base += 32) {
+    const int i = base + lane;
+    const bool f = i < n && kind(i) == 2;
     const unsigned m = __ballot_sync(kFull, f);
-    if (f) index[nf + __popc(m & ((1u << lane) - 1))] = kb;
+    if (f) index[nf + __popc(m & ((1u << lane) - 1))] = id(i);
     nf += __popc(m);
   }
   int np = 0;
-  for (int base = 0; base < nkb; base += 32) {
-    const int kb = base + lane;
-    const bool p = kb < nkb && kind(kb) == 1;
+  for (int base = 0; base < n; base += 32) {
+    const int i = base + lane;
+    const bool p = i < n && kind(i) == 1;
     const unsigned m = __ballot_sync(kFull, p);
-    if (p) index[nf + np + __popc(m & ((1u << lane) - 1))] = kb;
+    if (p) index[nf + np + __popc(m & ((1u << lane) - 1))] = id(i);
     np += __popc(m);
   }
   if (lane == 0) {
@@ -246,13 +248,17 @@ __device__ __forceinline__ void warp_bitonic_sort_desc(uint64_t* x, int n, int l
 
 // Float32 sum of x[0, len) in ascending order (len a multiple of 8, x 16-byte aligned), computed
 // identically by every lane: the reads are broadcasts and independent of the running sum, so
-// they are issued ahead of the dependent additions.
+// the next eight values are loaded before the current eight are added and the dependent chain
+// of additions never waits for shared memory.
 __device__ __forceinline__ float ordered_sum(const float* x, int len) {
   const float4* x4 = reinterpret_cast<const float4*>(x);
+  const int n4 = len / 4;
   float total = 0.0f;
-#pragma unroll 2
-  for (int i = 0; i < len / 4; i += 2) {
-    const float4 a = x4[i], b = x4[i + 1];
+  if (n4 == 0) return total;
+  float4 a = x4[0], b = x4[1];
+  for (int i = 0; i < n4; i += 2) {
+    const int next = i + 2 < n4 ? i + 2 : i;  // the last step reloads its own values
+    const float4 na = x4[next], nb = x4[next + 1];
     total = __fadd_rn(total, a.x);
     total = __fadd_rn(total, a.y);
     total = __fadd_rn(total, a.z);
@@ -261,6 +267,8 @@ __device__ __forceinline__ float ordered_sum(const float* x, int len) {
     total = __fadd_rn(total, b.y);
     total = __fadd_rn(total, b.z);
     total = __fadd_rn(total, b.w);
+    a = na;
+    b = nb;
   }
   return total;
 }
@@ -294,12 +302,6 @@ __device__ __forceinline__ int warp_sum(int v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
   return v;
 }
-// Butterfly: every lane adds the same two operands at every level, so all lanes agree exactly.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
 __device__ __forceinline__ uint32_t warp_min(uint32_t v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFull, v, o));
@@ -311,27 +313,101 @@ __device__ __forceinline__ uint32_t warp_max(uint32_t v) {
   return v;
 }
 
-// Number of blocks with key bits >= c and (when `mass`) their weight sum, in any order: only
-// used to choose the candidate set, never to decide the plan. bits and w have npad entries
-// (a multiple of 128); entries past the row and forbidden blocks hold bits 0 and weight 0.
-__device__ __forceinline__ void count_above(const uint32_t* bits, const float* w, int npad,
-                                            uint32_t c, bool mass, int lane, int& count,
-                                            float& weight) {
+// For three thresholds c[0..2] at once: the number of blocks with key bits >= c[i] and (when
+// `mass`) their weight sum, in any order: only used to choose the candidate set, never to decide
+// the plan. bits and w have len entries (a multiple of 4, 16-byte aligned); entries outside the
+// allowed interval hold bits 0 and weight 0. One pass settles two bits of the search, and the
+// five warp reductions are independent, so they overlap instead of adding up.
+__device__ __forceinline__ void count_above3(const uint32_t* bits, const float* w, int len,
+                                             const uint32_t (&c)[3], bool mass, int lane,
+                                             int (&count)[3], float (&weight)[3]) {
   const uint4* b4 = reinterpret_cast<const uint4*>(bits);
   const float4* w4 = reinterpret_cast<const float4*>(w);
-  int n = 0;
-  float s = 0.0f;
-  for (int i = lane; i < npad / 4; i += 32) {
+  int n01 = 0, n2 = 0;  // counts 0 and 1 packed in 16-bit halves (a row has <= 8192 blocks)
+  float s[3] = {0.0f, 0.0f, 0.0f};
+  for (int i = lane; i < len / 4; i += 32) {
     const uint4 k = b4[i];
-    n += int(k.x >= c) + int(k.y >= c) + int(k.z >= c) + int(k.w >= c);
+    const uint32_t kk[4] = {k.x, k.y, k.z, k.w};
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (mass) {
-      const float4 x = w4[i];
-      s += (k.x >= c ? x.x : 0.0f) + (k.y >= c ? x.y : 0.0f) + (k.z >= c ? x.z : 0.0f) +
-           (k.w >= c ? x.w : 0.0f);
+      const float4 x4 = w4[i];
+      x[0] = x4.x;
+      x[1] = x4.y;
+      x[2] = x4.z;
+      x[3] = x4.w;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      n01 += int(kk[u] >= c[0]) + (int(kk[u] >= c[1]) << 16);
+      n2 += int(kk[u] >= c[2]);
+      if (mass) {
+#pragma unroll
+        for (int t = 0; t < 3; ++t) s[t] += kk[u] >= c[t] ? x[u] : 0.0f;
+      }
     }
   }
-  count = warp_sum(n);
-  weight = mass ? warp_sum(s) : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    n01 += __shfl_xor_sync(kFull, n01, o);
+    n2 += __shfl_xor_sync(kFull, n2, o);
+    if (mass) {
+#pragma unroll
+      for (int t = 0; t < 3; ++t) s[t] += __shfl_xor_sync(kFull, s[t], o);
+    }
+  }
+  count[0] = n01 & 0xffff;
+  count[1] = n01 >> 16;
+  count[2] = n2;
+#pragma unroll
+  for (int t = 0; t < 3; ++t) weight[t] = mass ? s[t] : 0.0f;
+}
+
+// Smallest kb in [0, n) with pred(kb), or n when none; pred must be monotone (false, then true).
+// A 32-way search on the warp: each round probes 32 evenly spaced blocks, so 1024 blocks take
+// two rounds of one test per lane instead of a test of every block. Identical in every lane.
+template <class Pred>
+__device__ __forceinline__ int warp_first_true(Pred pred, int n, int lane) {
+  int lo = 0, hi = n;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const int step = (hi - lo + 31) / 32;
+    const int t = lo + lane * step;
+    const unsigned m = __ballot_sync(kFull, t >= hi || pred(t));
+    if (m == 0) {
+      lo += 31 * step + 1;  // 32 steps cover [lo, hi): the answer is past the last probe
+    } else {
+      const int f = __ffs(m) - 1;
+      hi = min(hi, lo + f * step);
+      if (f > 0) lo += (f - 1) * step + 1;
+    }
+  }
+  return lo;
+}
+
+// Descending bitonic sort of up to 64 keys held in registers, x[0] at lane i is element i and
+// x[1] element 32 + i: shuffles instead of shared memory round trips and warp barriers.
+template <int kPerLane>
+__device__ __forceinline__ void warp_register_sort_desc(uint64_t (&x)[2], int lane) {
+  constexpr int n = 32 * kPerLane;
+#pragma unroll
+  for (int k = 2; k <= n; k <<= 1) {
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      if (j == 32) {  // pairs (i, i + 32) sit in one lane; k == 64, so the run is descending
+        const uint64_t a = x[0], b = x[1];
+        x[0] = a > b ? a : b;
+        x[1] = a > b ? b : a;
+        continue;
+      }
+#pragma unroll
+      for (int u = 0; u < kPerLane; ++u) {
+        const uint64_t y = __shfl_xor_sync(kFull, x[u], j);
+        const bool lower = (lane & j) == 0;                 // this element is i of the pair (i, i + j)
+        const bool desc = ((lane + 32 * u) & k) == 0;       // its run ends up descending
+        const bool take_max = lower == desc;
+        x[u] = take_max ? (x[u] > y ? x[u] : y) : (x[u] < y ? x[u] : y);
+      }
+    }
+  }
 }
 
 // The candidate set {key >= v} must hold the whole Top-p prefix; it is chosen with weight sums
@@ -349,7 +425,7 @@ constexpr int kSmallCandidates = 64;
 //   acc   (R, P)     float    group modes only: the combined probability row (its weights)
 //   cand  (R, npow2) uint64   candidate (key, index) pairs, sorted
 //   qs    (R, D)     float    pooled queries of the current query head
-__global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs a) {
+__global__ void __launch_bounds__(kSelectThreads, 3) select_kernel(const SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int R = a.rows_per_cta, D = a.dim, nkb = a.nkb, P = a.npad;
   const bool grouped = a.gqa != 0;
@@ -367,22 +443,31 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
   constexpr int kWarps = kSelectThreads / 32;
   const int heads_here = grouped ? a.group : 1;
   const int hkv = grouped ? h : h / a.group;
-  // The allowed kv blocks of a query block form one interval (a tile's offset range only moves
-  // up with kb), found with one classify per block; later tests are two comparisons.
+  // The allowed kv blocks of a query block form one interval [first, last] (empty when
+  // first > last): for a real tile (q0 < q1, k0 < k1) classify is non-zero iff d_hi >= lo and
+  // d_lo <= hi, and both offsets only grow with kb, so each end is where a monotone test turns.
+  // Both ends only grow with qb, so the rows of this CTA together allow [first(qb0),
+  // last(last row)].
+  const int64_t shift = a.k_len - a.q_len;
   auto allowed_range = [&](int64_t qb) {
-    int first = 0x7fffffff, last = -1;
-    for (int kb = lane; kb < nkb; kb += 32)
-      if (classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi)) {
-        first = min(first, kb);
-        last = max(last, kb);
-      }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      first = min(first, __shfl_xor_sync(kFull, first, o));
-      last = max(last, __shfl_xor_sync(kFull, last, o));
-    }
-    return make_int2(first, last);
+    const int64_t q0 = qb * a.block_q, q1 = min(a.q_len, q0 + a.block_q);
+    const int first = warp_first_true(
+        [&](int kb) {
+          const int64_t k1 = min(a.k_len, int64_t(kb) * a.block_k + a.block_k);
+          return (k1 - 1) - q0 - shift >= a.d_lo;
+        },
+        nkb, lane);
+    const int past = warp_first_true(
+        [&](int kb) { return int64_t(kb) * a.block_k - (q1 - 1) - shift > a.d_hi; }, nkb, lane);
+    return make_int2(first, past - 1);
   };
+  // Row loops run over whole 32-block chunks around the interval (entries outside it hold key
+  // bits 0 and weight 0), never over the forbidden rest of the row.
+  auto chunk_bounds = [](int2 range) {
+    return range.x > range.y ? make_int2(0, 0) : make_int2(range.x & ~31, (range.y + 32) & ~31);
+  };
+  const int kb_begin = allowed_range(qb0).x;
+  const int kb_end = allowed_range(qb0 + rows - 1).y + 1;  // scores only where a row needs one
 
   for (int g = 0; g < heads_here; ++g) {
     const int hq = grouped ? h * a.group + g : h;
@@ -398,19 +483,28 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
       // Every shape attention runs: a thread owns two kv blocks and eight rows, q̄ comes as
       // 16-byte broadcasts. Rows past `rows` (the last tile of query blocks) read unset q̄
       // and are never used.
-      for (int kb0 = tid; kb0 < nkb; kb0 += 2 * kSelectThreads) {
+      for (int kb0 = kb_begin + tid; kb0 < kb_end; kb0 += 2 * kSelectThreads) {
         const int kb1 = kb0 + kSelectThreads;
-        const bool second = kb1 < nkb;
+        const bool second = kb1 < kb_end;
         const int kb1_read = second ? kb1 : kb0;  // loads stay in bounds
         float sc0[8], sc1[8];
 #pragma unroll
         for (int r = 0; r < 8; ++r) sc0[r] = sc1[r] = 0.0f;
+        // The pooled keys of step d + 4 are loaded before the FMAs of step d, so their L2
+        // latency overlaps arithmetic instead of stalling every step.
+        float k0[4], k1[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          k0[i] = kt[int64_t(i) * nkb + kb0];
+          k1[i] = kt[int64_t(i) * nkb + kb1_read];
+        }
         for (int d = 0; d < D; d += 4) {
-          float k0[4], k1[4];
+          const int dn = d + 4 < D ? d + 4 : d;  // the last step reloads its own (unused) keys
+          float n0[4], n1[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            k0[i] = kt[int64_t(d + i) * nkb + kb0];
-            k1[i] = kt[int64_t(d + i) * nkb + kb1_read];
+            n0[i] = kt[int64_t(dn + i) * nkb + kb0];
+            n1[i] = kt[int64_t(dn + i) * nkb + kb1_read];
           }
 #pragma unroll
           for (int r = 0; r < 8; ++r) {
@@ -424,6 +518,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
             sc1[r] = fmaf(qv.z, k1[2], sc1[r]);
             sc1[r] = fmaf(qv.w, k1[3], sc1[r]);
           }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            k0[i] = n0[i];
+            k1[i] = n1[i];
+          }
         }
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
@@ -432,7 +531,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
         }
       }
     } else {
-      for (int kb = tid; kb < nkb; kb += kSelectThreads)
+      for (int kb = kb_begin + tid; kb < kb_end; kb += kSelectThreads)
         for (int r = 0; r < rows; ++r) {
           float x = 0.0f;
           for (int d = 0; d < D; ++d) x = fmaf(qs[r * D + d], kt[int64_t(d) * nkb + kb], x);
@@ -450,16 +549,18 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
         float* er = wt + r * P;
         float* ar = acc + r * P;
         const int2 range = allowed_range(qb);
+        const int2 cb = chunk_bounds(range);
         auto allowed = [range](int kb) { return kb >= range.x && kb <= range.y; };
         float m = -INFINITY;
-        for (int kb = lane; kb < nkb; kb += 32)
+        for (int kb = cb.x + lane; kb < cb.y; kb += 32)
           if (allowed(kb)) m = fmaxf(m, sr[kb]);
         m = warp_max(m);
-        for (int kb = lane; kb < P; kb += 32)
+        for (int kb = cb.x + lane; kb < cb.y; kb += 32)
           er[kb] = allowed(kb) ? expf(__fsub_rn(sr[kb], m)) : 0.0f;
         __syncwarp();
-        const float z = ordered_sum(er, P);  // forbidden blocks add +0: no partial sum changes
-        for (int kb = lane; kb < nkb; kb += 32) {
+        // Forbidden blocks add +0 (no partial sum changes), so the sum skips the rest of the row.
+        const float z = ordered_sum(er + cb.x, cb.y - cb.x);
+        for (int kb = cb.x + lane; kb < cb.y; kb += 32) {
           if (!allowed(kb)) continue;
           const float pr = __fdiv_rn(er[kb], z);
           if (g == 0)
@@ -480,19 +581,21 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
     float* w = grouped ? acc + r * P : wt + r * P;
     uint64_t* cr = cand + size_t(r) * a.npow2;
     const int2 range = allowed_range(qb);
+    const int2 cb = chunk_bounds(range);
+    const int clen = cb.y - cb.x;
     auto allowed = [range](int kb) { return kb >= range.x && kb <= range.y; };
 
     // Per head the key is the score and the weight e = expf(s - m); per group both are the
     // combined probability. Key bits, weights, the count n of allowed blocks and the key range.
     float m = -INFINITY;
     if (!grouped) {
-      for (int kb = lane; kb < nkb; kb += 32)
+      for (int kb = cb.x + lane; kb < cb.y; kb += 32)
         if (allowed(kb)) m = fmaxf(m, sr[kb]);
       m = warp_max(m);
     }
     int n_local = 0;
     uint32_t kmin = 0xffffffffu, kmax = 0;
-    for (int kb = lane; kb < P; kb += 32) {
+    for (int kb = cb.x + lane; kb < cb.y; kb += 32) {
       const bool ok = allowed(kb);
       float key = 0.0f, weight = 0.0f;
       if (ok) {
@@ -534,7 +637,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
       float threshold = 0.0f, threshold_margin = 0.0f;
       if (mass) {
         // Top-p threshold: p × (sum of the weights over allowed blocks, ascending block order).
-        threshold = __fmul_rn(float(tp), ordered_sum(w, P));
+        threshold = __fmul_rn(float(tp), ordered_sum(w + cb.x, clen));
         threshold_margin = __fmul_rn(threshold, kMassMargin);
       }
       // Candidates {key bits >= v}: a prefix of the ranking (equal keys enter together). v is
@@ -544,6 +647,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
       const int enough = max(kSmallCandidates, 2 * need);
       uint32_t v = 0;
       int cand_count = n;
+      // A threshold c keeps the conditions when every allowed block reaches it (the set is
+      // unchanged) or when its set still holds the blocks and the mass.
+      auto keeps = [&](uint32_t c, int cnt, float weight) {
+        return c <= kmin || (cnt >= need && (!mass || weight >= threshold_margin));
+      };
       if (need <= 32 && cand_count > enough) {
         // First guess: the need-th largest of the lanes' maxima, found on 32 values by ballots.
         // At least `need` blocks reach it; on peaked rows usually few more, so one pass over
@@ -554,51 +662,70 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
           if (__popc(__ballot_sync(kFull, lane_max >= c)) >= need) x = c;
         }
         if (x > kmin) {
-          int cnt;
-          float weight;
-          count_above(bits, w, P, x, mass, lane, cnt, weight);
-          if (cnt >= need && (!mass || weight >= threshold_margin)) {
+          const uint32_t c3[3] = {x, x, x};
+          int cnt[3];
+          float weight[3];
+          count_above3(bits + cb.x, w + cb.x, clen, c3, mass, lane, cnt, weight);
+          if (keeps(x, cnt[0], weight[0])) {
             v = x;
-            cand_count = cnt;
+            cand_count = cnt[0];
           }
         }
       }
-      // Then bits from the top: any v that keeps the conditions is correct, a larger one only
-      // leaves fewer candidates to sort.
-      for (int bit = 31; bit >= 0 && cand_count > enough; --bit) {
-        const uint32_t c = v | (1u << bit);
-        if (c == v) continue;    // v already has this bit (v came from the first guess)
-        if (c > kmax) continue;  // no block reaches c: too few
-        if (c <= kmin) {         // every allowed block reaches c: the set is unchanged
-          v = c;
-          continue;
-        }
-        int cnt;
-        float weight;
-        count_above(bits, w, P, c, mass, lane, cnt, weight);
-        if (cnt >= need && (!mass || weight >= threshold_margin)) {
-          v = c;
-          cand_count = cnt;
+      // Then two bits at a time from the top, three thresholds per pass: the same v as trying
+      // the higher bit and then the lower one. Any v that keeps the conditions is correct, a
+      // larger one only leaves fewer candidates to sort.
+      for (int bit = 31; bit >= 0 && cand_count > enough; bit -= 2) {
+        const uint32_t hi_bit = 1u << bit, lo_bit = bit > 0 ? 1u << (bit - 1) : 0u;
+        // c[0] = both bits, c[1] = the higher, c[2] = the lower.
+        const uint32_t c[3] = {v | hi_bit | lo_bit, v | hi_bit, v | lo_bit};
+        if (c[0] == v) continue;                // v already has both bits
+        if (min(c[1], c[2]) > kmax) continue;   // no block reaches any of them: too few
+        int cnt[3] = {n, n, n};
+        float weight[3] = {0.0f, 0.0f, 0.0f};
+        if (c[0] > kmin) count_above3(bits + cb.x, w + cb.x, clen, c, mass, lane, cnt, weight);
+        if (keeps(c[1], cnt[1], weight[1])) {
+          const bool both = keeps(c[0], cnt[0], weight[0]);
+          v = both ? c[0] : c[1];
+          cand_count = both ? cnt[0] : cnt[1];
+        } else if (keeps(c[2], cnt[2], weight[2])) {
+          v = c[2];
+          cand_count = cnt[2];
         }
       }
 
       kept = -1;
       for (int attempt = 0; attempt < 2 && kept < 0; ++attempt) {
-        // Gather the candidates as ranking keys, pad to a power of two, sort descending.
+        // Gather the candidates as ranking keys and sort them descending: up to 64 in
+        // registers, more padded to a power of two in shared memory.
         const uint32_t v_min = max(v, 1u);  // 0 marks forbidden blocks
         int c = 0;
-        for (int base = 0; base < P; base += 32) {
+        for (int base = cb.x; base < cb.y; base += 32) {
           const uint32_t kbits = bits[base + lane];
           const bool in = kbits >= v_min;
           const unsigned ballot = __ballot_sync(kFull, in);
           if (in) cr[c + __popc(ballot & ((1u << lane) - 1))] = rank_key(kbits, base + lane);
           c += __popc(ballot);
         }
-        int width = 2;
-        while (width < c) width <<= 1;
-        for (int i = c + lane; i < width; i += 32) cr[i] = 0ull;
         __syncwarp();
-        warp_bitonic_sort_desc(cr, width, lane);
+        if (c <= 64) {
+          uint64_t x[2] = {lane < c ? cr[lane] : 0ull, lane + 32 < c ? cr[lane + 32] : 0ull};
+          __syncwarp();
+          // Only the c ranked entries are stored: the buffer may be shorter than 64.
+          if (c <= 32)
+            warp_register_sort_desc<1>(x, lane);
+          else
+            warp_register_sort_desc<2>(x, lane);
+          if (lane < c) cr[lane] = x[0];
+          if (lane + 32 < c) cr[lane + 32] = x[1];
+          __syncwarp();
+        } else {
+          int width = 2;
+          while (width < c) width <<= 1;
+          for (int i = c + lane; i < width; i += 32) cr[i] = 0ull;
+          __syncwarp();
+          warp_bitonic_sort_desc(cr, width, lane);
+        }
         if (!mass) {
           kept = count;  // c >= count: the bisection kept at least `need` blocks
           break;
@@ -622,34 +749,47 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectArgs
     }
     __syncwarp();
 
-    // Tile kinds of the kept blocks: the ranked prefix, the sinks, the band; the rule filters.
-    int32_t* kind = reinterpret_cast<int32_t*>(sr);  // replaces the key bits
+    // Kept blocks: the ranked prefix, the sinks, the band, marked in the row (over the key
+    // bits), then listed in ascending order so that the rule's classify runs once per listed
+    // block rather than once per block of the row.
+    int32_t* mark = reinterpret_cast<int32_t*>(sr);
     const bool keep_all = n > 0 && kept >= n;
-    for (int kb = lane; kb < nkb; kb += 32) kind[kb] = keep_all ? 1 : 0;
+    for (int kb = lane; kb < nkb; kb += 32) mark[kb] = keep_all && allowed(kb) ? 1 : 0;
     __syncwarp();
     if (!keep_all)
-      for (int i = lane; i < kept; i += 32) kind[rank_index(cr[i])] = 1;
+      for (int i = lane; i < kept; i += 32) mark[rank_index(cr[i])] = 1;
     __syncwarp();
     const int64_t sinks = min(a.sink_blocks, int64_t(nkb));
-    for (int kb = lane; kb < sinks; kb += 32) kind[kb] = 1;
+    for (int kb = lane; kb < sinks; kb += 32) mark[kb] = 1;
     if (a.local_blocks >= 0) {
       // diagonal_band(geo, qb, local_blocks)
       const int64_t q0 = qb * a.block_q, q1 = min(a.q_len, q0 + a.block_q);
-      const int64_t shift = a.k_len - a.q_len;
       const int64_t lo = max(q0 + shift, int64_t(0)), hi = min(q1 - 1 + shift, a.k_len - 1);
       if (q0 < q1 && lo <= hi) {
         const int64_t first = max(lo / a.block_k - a.local_blocks, int64_t(0));
         const int64_t last = min(hi / a.block_k + a.local_blocks, int64_t(nkb - 1));
-        for (int64_t kb = first + lane; kb <= last; kb += 32) kind[kb] = 1;
+        for (int64_t kb = first + lane; kb <= last; kb += 32) mark[kb] = 1;
       }
     }
     __syncwarp();
-    for (int kb = lane; kb < nkb; kb += 32)
-      if (kind[kb]) kind[kb] = classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi);
+    // The list (in the candidate buffer, no longer needed): kb | tile kind << 16.
+    int32_t* list = reinterpret_cast<int32_t*>(cr);
+    int len = 0;
+    for (int base = 0; base < nkb; base += 32) {
+      const bool in = base + lane < nkb && mark[base + lane] != 0;
+      const unsigned ballot = __ballot_sync(kFull, in);
+      if (in) list[len + __popc(ballot & ((1u << lane) - 1))] = base + lane;
+      len += __popc(ballot);
+    }
+    __syncwarp();
+    for (int i = lane; i < len; i += 32) {
+      const int kb = list[i];
+      list[i] = kb | (classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi) << 16);
+    }
     __syncwarp();
     const int64_t row = (int64_t(b) * a.plan_heads + h) * a.nqb + qb;
-    write_row([kind](int kb) { return kind[kb]; }, nkb, a.kv_index + row * a.capacity,
-              a.num_full + row, a.num_partial + row, lane);
+    write_row([list](int i) { return list[i] >> 16; }, len, a.kv_index + row * a.capacity,
+              a.num_full + row, a.num_partial + row, lane, [list](int i) { return list[i] & 0xffff; });
   }
 }
 
@@ -663,7 +803,8 @@ __global__ void __launch_bounds__(256) dense_kernel(const DenseArgs a) {
       [&](int kb) {
         return classify(qb, kb, a.block_q, a.block_k, a.q_len, a.k_len, a.d_lo, a.d_hi);
       },
-      a.nkb, a.kv_index + row * a.capacity, a.num_full + row, a.num_partial + row, lane);
+      a.nkb, a.kv_index + row * a.capacity, a.num_full + row, a.num_partial + row, lane,
+      [](int kb) { return kb; });
 }
 
 }  // namespace
