@@ -19,9 +19,7 @@
 //        P^T, dS^T = P^T * (dP^T - delta) in registers (delta, lse2 per column from the stage)
 //        dV += P^T dO    wgmma m64n{D}k16, A = P^T from registers, B = dO (N-major)
 //        dK += dS^T Q    wgmma m64n{D}k16, A = dS^T from registers, B = Q (N-major)
-//      The consumers take turns issuing (S^T/dP^T, then dV/dK), so one's P^T/dS^T work
-//      overlaps the other's products. Their partial dK, dV are summed in a fixed order in the
-//      epilogue.
+//      The two consumers' partial dK, dV are summed in a fixed order in the epilogue.
 // Every gradient element is a fixed-order sum: no floating-point atomics, bitwise reproducible.
 // Producer warpgroup: one thread issues TMA copies into a ring with full/empty mbarriers; in
 // the dk/dv kernel a second warp copies the step's lse2 and delta into the stage (the workspace
@@ -55,28 +53,9 @@ __device__ __forceinline__ float bwd_ld_shared_f32(uint32_t addr) {
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
   return v;
 }
-// Barrier among the 256 consumer threads (id 0 is __syncthreads, 1..2 warpgroup_sync, 3..4 the
-// consumers' turns below).
+// Barrier among the 256 consumer threads (ids 0 and 1..2 are taken by __syncthreads and
+// warpgroup_sync).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 5, 256;\n" ::: "memory"); }
-// Turn-taking on the tensor cores (the forward's ping-pong): consumer c waits on named barrier
-// 3 + c (its 128 threads plus the other consumer's 128 arrivals) before issuing products and
-// arrives on the other's barrier after issuing them. Consumer 1 arrives on barrier 3 once before
-// its first turn, so consumer 0 goes first; the turns then alternate, and one warpgroup's
-// elementwise work runs while the other's products execute.
-__device__ __forceinline__ void turn_begin(int c) {
-  asm volatile("bar.sync %0, 256;\n" ::"r"(3 + c) : "memory");
-}
-__device__ __forceinline__ void turn_end(int c) {
-  asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - c) : "memory");
-}
-__device__ __forceinline__ void turns_open(int c) {
-  if (c == 1) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
-}
-// After both consumers' last turns: consumer 0 takes consumer 1's last arrival, so every phase
-// of barriers 3 and 4 completes before the epilogue.
-__device__ __forceinline__ void turns_close(int c) {
-  if (c == 0) asm volatile("bar.sync 3, 256;\n" ::: "memory");
-}
 
 // 128B-swizzled operand descriptors (see smem_desc). K-major: `rows` x 16 columns at k-step kk
 // of a tile whose 64-column slabs are `slab_bytes` apart. N-major: 16 rows (the k dim) from
@@ -469,10 +448,7 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
 
     mbar_wait(kv_full, 0);
     int h = 0, t = 0, n = 0;
-    // Both consumers walk the same steps, so they agree on whether there are any turns.
-    const bool any = walk.settle(p, h, t);
-    if (any) turns_open(c);
-    for (bool have = any; have; ++n, ++t, have = walk.settle(p, h, t)) {
+    for (bool have = walk.settle(p, h, t); have; ++n, ++t, have = walk.settle(p, h, t)) {
       const int s = n % S;
       int q0;
       bool masked;
@@ -482,10 +458,7 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
       const uint32_t st = sStats + s * Tr::kStatBytes + c * 64 * 4;
       mbar_wait(full(s), (n / S) & 1);
 
-      // Two turns per step, S^T/dP^T then dV/dK: consumer 0's P^T and dS^T work runs while
-      // consumer 1's S^T/dP^T execute, and consumer 1's while consumer 0's dV/dK do.
       float sc[32], dp[32];  // S^T and dP^T: 64 keys x 64 queries
-      turn_begin(c);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
@@ -496,7 +469,6 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
         Wgmma<T, 64>::template ss<0>(dp, desc_kmajor(sV, Tr::kKVSlabBytes, kk),
                                      desc_kmajor(sDOc, Tr::kQSlabBytes, kk), kk > 0);
       wgmma_commit();
-      turn_end(c);
       wgmma_wait<0>();
       fence_regs(sc);
       fence_regs(dp);
@@ -527,7 +499,6 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
         dsf[2 * j] = Elem<T>::pack(ds[0], ds[1]);
         dsf[2 * j + 1] = Elem<T>::pack(ds[2], ds[3]);
       }
-      turn_begin(c);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
@@ -538,7 +509,6 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
         Wgmma<T, D>::template rs<1>(dk, dsf + 4 * kk,
                                     desc_nmajor(sQc + kk * 16 * 128, Tr::kQSlabBytes));
       wgmma_commit();
-      turn_end(c);
       wgmma_wait<0>();
       fence_regs(dv);
       fence_regs(dk);
@@ -546,7 +516,6 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
       fence_regs(dsf);
       if (lane == 0) mbar_arrive(empty(s));
     }
-    if (any) turns_close(c);
 
     // ---- epilogue: dK = dK_0 + dK_1 (consumer 0 stores), dV = dV_1 + dV_0 (consumer 1) ----
     // Both consumers are past their last products, so the Q/dO ring is free: consumer 1 stages
