@@ -5,6 +5,13 @@
 //   bench_cuda [--seq 32768] [--heads 12] [--dim 128] [--iters 20] [--densities 0.15,0.10,0.05]
 //              [--block-q 128] [--block-k 64] [--causal 0|1|both] [--seed 1]
 //
+// Timing protocol: the one of triton.testing.do_bench, which bench_cuda.py uses for the PyTorch
+// rows, so every row of the table is measured the same way: 25 ms of warm-up calls, then at
+// least 100 ms (and at least --iters) of repetitions, each preceded by a 256 MB memset that
+// flushes L2 and keeps the GPU busy while the host enqueues the call (so host-side launch work
+// is not timed), an event pair around each call, no synchronisation between repetitions; the
+// median of the per-call times.
+//
 // Block masks come from a counter hash (splitmix64 of (head, query block, kv block) and the
 // seed) so that bench_cuda.py rebuilds exactly the same mask for FlexAttention.
 #include <cuda_runtime.h>
@@ -93,6 +100,9 @@ int main(int argc, char** argv) {
                   tdo = ref4(dout.p), tdq = ref4(dq.p), tdk = ref4(dk.p), tdv = ref4(dv.p);
   const TensorRef tl = make_ref(lse.p, DType::float32, {1, H, N}, {}, dev);
 
+  // do_bench's cache flush: 256 MB, larger than the L2.
+  constexpr size_t kFlushBytes = size_t(256) << 20;
+  Buf l2_flush(kFlushBytes);
   cudaEvent_t e0, e1;
   check(cudaEventCreate(&e0), "cudaEventCreate");
   check(cudaEventCreate(&e1), "cudaEventCreate");
@@ -139,16 +149,41 @@ int main(int argc, char** argv) {
         pv = &view;
       }
       auto time_it = [&](bool with_backward) {
-        std::vector<float> ms;
-        for (int it = 0; it < iters + 3; ++it) {
-          check(cudaEventRecord(e0), "cudaEventRecord");
+        auto call = [&] {
           forward(tq, tk, tv, pv, params, to, tl);
           if (with_backward) backward(tq, tk, tv, to, tl, tdo, pv, params, tdq, tdk, tdv);
-          check(cudaEventRecord(e1), "cudaEventRecord");
-          check(cudaEventSynchronize(e1), "cudaEventSynchronize");
-          float t = 0;
-          check(cudaEventElapsedTime(&t, e0, e1), "cudaEventElapsedTime");
-          if (it >= 3) ms.push_back(t);  // the first runs load modules and warm the clocks
+        };
+        // Estimate from 5 calls (after one that loads the modules), as do_bench does.
+        call();
+        check(cudaEventRecord(e0), "cudaEventRecord");
+        for (int i = 0; i < 5; ++i) call();
+        check(cudaEventRecord(e1), "cudaEventRecord");
+        check(cudaEventSynchronize(e1), "cudaEventSynchronize");
+        float est = 0;
+        check(cudaEventElapsedTime(&est, e0, e1), "cudaEventElapsedTime");
+        est = std::max(est / 5, 1e-3f);
+        const int warmup = std::max(1, int(25.f / est));
+        const int reps = std::max(iters, int(100.f / est));
+        for (int i = 0; i < warmup; ++i) call();
+        const size_t n = static_cast<size_t>(reps);
+        std::vector<cudaEvent_t> start(n), end(n);
+        for (int i = 0; i < reps; ++i) {
+          check(cudaEventCreate(&start[size_t(i)]), "cudaEventCreate");
+          check(cudaEventCreate(&end[size_t(i)]), "cudaEventCreate");
+        }
+        for (int i = 0; i < reps; ++i) {
+          check(cudaMemsetAsync(l2_flush.p, 0, kFlushBytes), "cudaMemsetAsync (L2 flush)");
+          check(cudaEventRecord(start[size_t(i)]), "cudaEventRecord");
+          call();
+          check(cudaEventRecord(end[size_t(i)]), "cudaEventRecord");
+        }
+        check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        std::vector<float> ms(n);
+        for (int i = 0; i < reps; ++i) {
+          check(cudaEventElapsedTime(&ms[size_t(i)], start[size_t(i)], end[size_t(i)]),
+                "cudaEventElapsedTime");
+          cudaEventDestroy(start[size_t(i)]);
+          cudaEventDestroy(end[size_t(i)]);
         }
         return median(ms);
       };
