@@ -292,25 +292,24 @@ __device__ __forceinline__ int ranked_prefix(const float* w, int len, float thre
   return -1;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+// Butterfly reduction over the warp: every lane ends with op over all 32 values.
+template <class V, class Op>
+__device__ __forceinline__ V warp_reduce(V v, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
   return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  return warp_reduce(v, [](float a, float b) { return fmaxf(a, b); });
 }
 __device__ __forceinline__ int warp_sum(int v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
+  return warp_reduce(v, [](int a, int b) { return a + b; });
 }
 __device__ __forceinline__ uint32_t warp_min(uint32_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFull, v, o));
-  return v;
+  return warp_reduce(v, [](uint32_t a, uint32_t b) { return min(a, b); });
 }
 __device__ __forceinline__ uint32_t warp_max(uint32_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFull, v, o));
-  return v;
+  return warp_reduce(v, [](uint32_t a, uint32_t b) { return max(a, b); });
 }
 
 // For three thresholds c[0..2] at once: the number of blocks with key bits >= c[i] and (when
