@@ -23,7 +23,6 @@
 namespace spattn::cuda {
 namespace {
 
-// Stream-ordered scratch memory, released on the same stream.
 // Kernels move rows as 16-byte vectors: pointers 16-byte aligned, strides multiples of 8.
 void set_tensor(const char* where, const char* name, const TensorRef& t, const void*& ptr,
                 int64_t* stride) {

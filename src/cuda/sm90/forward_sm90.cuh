@@ -4,13 +4,12 @@
 // 64-key tiles (plan order: full run, then partial run) are taken two at a time: a step of 128
 // keys gathers tiles 2u and 2u + 1, which need not be adjacent, into one K (and V) stage, so
 // the softmax bookkeeping, the O rescale and the barriers are paid once per 128 keys. An odd
-// last tile is a half step (64 keys). Three warpgroups:
+// last tile is loaded twice and its copy masked. Three warpgroups:
 //   warpgroup 0 (producer): one thread issues TMA copies: Q once, then per step the K and V
 //     rows of its two tiles into a kStages-deep ring; setmaxnreg gives its registers to the
 //     consumers.
 //   warpgroups 1, 2 (consumers): 64 query rows each. Per step:
-//     S = Q K^T   wgmma m64n128k16 (m64n64k16 on a half step), A = Q and B = K from
-//       128B-swizzled shared memory
+//     S = Q K^T   wgmma m64n128k16, A = Q and B = K from 128B-swizzled shared memory
 //     online softmax in registers (log2 units, ex2.approx); the element mask only on tiles the
 //       plan marks partial (or, dense, tiles the rule cuts)
 //     O += P V    wgmma m64n{D}k16 over the step's keys, A = P from registers, B = V (N-major)
@@ -166,7 +165,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   auto desc_q = [&](int kk) {
     return smem_desc(sQ + (kk / 4) * Tr::kQSlabBytes + c * 64 * 128 + (kk % 4) * 32, 16, 1024);
   };
-  // K (B, K-major): the step's 128 keys (or the first 64) x 16 columns.
+  // K (B, K-major): the step's 128 keys x 16 columns.
   auto desc_k = [&](int s, int kk) {
     return smem_desc(sK + s * Tr::kKVBytes + (kk / 4) * Tr::kKVSlabBytes + (kk % 4) * 32, 16,
                      1024);
