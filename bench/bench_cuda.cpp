@@ -39,17 +39,6 @@ void fill_random(void* device, int64_t n, uint64_t seed) {
   check(cudaMemcpy(device, host.data(), size_t(n) * 2, cudaMemcpyHostToDevice), "input copy");
 }
 
-struct Buf {
-  void* p = nullptr;
-  explicit Buf(size_t bytes) { check(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "cudaMalloc"); }
-  ~Buf() { cudaFree(p); }
-};
-
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {

@@ -39,19 +39,6 @@ void fill_structured(void* device, int64_t H, int64_t N, int64_t D, uint64_t see
   check(cudaMemcpy(device, host.data(), host.size() * 2, cudaMemcpyHostToDevice), "input copy");
 }
 
-struct Buf {
-  void* p = nullptr;
-  explicit Buf(size_t bytes) { check(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "cudaMalloc"); }
-  ~Buf() { cudaFree(p); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-};
-
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {

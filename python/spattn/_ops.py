@@ -58,6 +58,11 @@ def _view(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach()
 
 
+def _forward_outputs(q: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    # Uninitialised out (B, Hq, Nq, Dv) and lse (B, Hq, Nq): the op and its fake kernel agree.
+    return _empty_out(q, v.shape[3]), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+
 @torch.library.custom_op("spattn::forward", mutates_args=())
 def forward(
     q: Tensor,
@@ -76,8 +81,7 @@ def forward(
     """(out, lse) for q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
 
     Without plan arrays the attention is dense under the rule (causal, window)."""
-    out = _empty_out(q, v.shape[3])
-    lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    out, lse = _forward_outputs(q, v)
     with _device_guard(q):
         _C.forward(
             _view(q), _view(k), _view(v), out, lse,
@@ -91,9 +95,7 @@ def forward(
 @forward.register_fake
 def _(q, k, v, kv_index, num_full, num_partial, block_q, block_k, scale, causal,
       window_left, window_right):
-    out = _empty_out(q, v.shape[3])
-    lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
-    return out, lse
+    return _forward_outputs(q, v)
 
 
 @torch.library.custom_op("spattn::backward", mutates_args=())

@@ -13,6 +13,7 @@
 
 #include <omp.h>
 
+#include "select/hybrid_inputs.hpp"
 #include "spattn/error.hpp"
 #include "spattn/select.hpp"
 
@@ -71,38 +72,13 @@ struct Pooled {
   std::vector<uint8_t> allowed;  // (nqb, nkb): the rule leaves the tile non-empty
 };
 
+// The CPU selector reads q and k itself: both must be in host memory.
 void check_inputs(const char* where, const TensorRef& q, const TensorRef& k,
                   const HybridOptions& opt) {
-  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}}) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}})
     SPATTN_CHECK(t->device.kind == DeviceKind::cpu, where, ": ", name,
                  " must be in host memory; got ", to_string(t->device));
-    SPATTN_CHECK(t->rank == 4, where, ": ", name, " must have rank 4 (B, H, N, D); got ",
-                 t->shape_string());
-    SPATTN_CHECK(t->data != nullptr || t->numel() == 0, where, ": ", name,
-                 " must point to memory; got a null pointer");
-  }
-  SPATTN_CHECK(k.shape[0] == q.shape[0], where, ": k.shape[0] (batch) must equal q's ",
-               q.shape[0], "; got ", k.shape[0]);
-  SPATTN_CHECK(k.shape[3] == q.shape[3], where, ": k.shape[3] (head dim) must equal q's ",
-               q.shape[3], "; got ", k.shape[3]);
-  SPATTN_CHECK(k.shape[1] >= 1 && q.shape[1] % k.shape[1] == 0, where,
-               ": q heads must be a multiple of k heads (GQA); got q heads ", q.shape[1],
-               ", k heads ", k.shape[1]);
-  SPATTN_CHECK(q.shape[0] >= 1, where, ": batch must be >= 1; got ", q.shape[0]);
-  SPATTN_CHECK(opt.scale >= 0.0 && std::isfinite(opt.scale), where,
-               ": scale must be finite and >= 0 (0 = 1/sqrt(D)); got ", opt.scale);
-  SPATTN_CHECK(opt.sink_blocks >= 0, where, ": sink_blocks must be >= 0; got ", opt.sink_blocks);
-  SPATTN_CHECK(opt.local_blocks >= -1, where,
-               ": local_blocks must be >= 0 or -1 (off); got ", opt.local_blocks);
-  SPATTN_CHECK(opt.num_threads >= 0, where, ": num_threads must be >= 0; got ", opt.num_threads);
-  const int64_t plan_heads = opt.gqa == GqaPlan::per_query_head ? q.shape[1] : k.shape[1];
-  for (auto [v, name] : {std::pair{&opt.top_k, "top_k"}, std::pair{&opt.top_p, "top_p"}}) {
-    SPATTN_CHECK(v->size() == 1 || int64_t(v->size()) == plan_heads, where, ": ", name,
-                 " must have 1 or ", plan_heads, " (plan heads) entries; got ", v->size());
-    for (double x : *v)
-      SPATTN_CHECK(x >= 0.0 && x <= 1.0, where, ": ", name, " values must be in [0, 1]; got ",
-                   x);
-  }
+  detail::check_hybrid_inputs(where, q, k, opt);
 }
 
 Pooled pool_inputs(const char* where, const TensorRef& q, const TensorRef& k,
@@ -113,14 +89,7 @@ Pooled pool_inputs(const char* where, const TensorRef& q, const TensorRef& k,
   p.heads_q = q.shape[1];
   p.heads_kv = k.shape[1];
   p.dim = q.shape[3];
-  p.geo.batch = p.batch;
-  p.geo.heads = opt.gqa == GqaPlan::per_query_head ? p.heads_q : p.heads_kv;
-  p.geo.q_len = q.shape[2];
-  p.geo.k_len = k.shape[2];
-  p.geo.block_q = opt.block_q;
-  p.geo.block_k = opt.block_k;
-  p.geo.rule = opt.rule;
-  p.geo.validate(where);
+  p.geo = detail::hybrid_plan_geometry(where, q, k, opt);
   p.nqb = p.geo.num_q_blocks();
   p.nkb = p.geo.num_k_blocks();
   p.scale = float(opt.scale > 0 ? opt.scale : 1.0 / std::sqrt(double(std::max<int64_t>(p.dim, 1))));
@@ -278,6 +247,58 @@ int num_threads_of(const HybridOptions& opt) {
 }
 
 }  // namespace
+
+namespace detail {
+
+void check_hybrid_inputs(const char* where, const TensorRef& q, const TensorRef& k,
+                         const HybridOptions& opt) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}}) {
+    SPATTN_CHECK(t->rank == 4, where, ": ", name, " must have rank 4 (B, H, N, D); got ",
+                 t->shape_string());
+    SPATTN_CHECK(t->data != nullptr || t->numel() == 0, where, ": ", name,
+                 " must point to memory; got a null pointer");
+  }
+  SPATTN_CHECK(k.device == q.device, where, ": k must be on q's device ", to_string(q.device),
+               "; got ", to_string(k.device));
+  SPATTN_CHECK(k.shape[0] == q.shape[0], where, ": k.shape[0] (batch) must equal q's ",
+               q.shape[0], "; got ", k.shape[0]);
+  SPATTN_CHECK(k.shape[3] == q.shape[3], where, ": k.shape[3] (head dim) must equal q's ",
+               q.shape[3], "; got ", k.shape[3]);
+  SPATTN_CHECK(k.shape[1] >= 1 && q.shape[1] % k.shape[1] == 0, where,
+               ": q heads must be a multiple of k heads (GQA); got q heads ", q.shape[1],
+               ", k heads ", k.shape[1]);
+  SPATTN_CHECK(q.shape[0] >= 1, where, ": batch must be >= 1; got ", q.shape[0]);
+  SPATTN_CHECK(opt.scale >= 0.0 && std::isfinite(opt.scale), where,
+               ": scale must be finite and >= 0 (0 = 1/sqrt(D)); got ", opt.scale);
+  SPATTN_CHECK(opt.sink_blocks >= 0, where, ": sink_blocks must be >= 0; got ", opt.sink_blocks);
+  SPATTN_CHECK(opt.local_blocks >= -1, where,
+               ": local_blocks must be >= 0 or -1 (off); got ", opt.local_blocks);
+  SPATTN_CHECK(opt.num_threads >= 0, where, ": num_threads must be >= 0; got ", opt.num_threads);
+  const int64_t plan_heads = opt.gqa == GqaPlan::per_query_head ? q.shape[1] : k.shape[1];
+  for (auto [v, name] : {std::pair{&opt.top_k, "top_k"}, std::pair{&opt.top_p, "top_p"}}) {
+    SPATTN_CHECK(v->size() == 1 || int64_t(v->size()) == plan_heads, where, ": ", name,
+                 " must have 1 or ", plan_heads, " (plan heads) entries; got ", v->size());
+    for (double x : *v)
+      SPATTN_CHECK(x >= 0.0 && x <= 1.0, where, ": ", name, " values must be in [0, 1]; got ",
+                   x);
+  }
+}
+
+PlanGeometry hybrid_plan_geometry(const char* where, const TensorRef& q, const TensorRef& k,
+                                  const HybridOptions& opt) {
+  PlanGeometry g;
+  g.batch = q.shape[0];
+  g.heads = opt.gqa == GqaPlan::per_query_head ? q.shape[1] : k.shape[1];
+  g.q_len = q.shape[2];
+  g.k_len = k.shape[2];
+  g.block_q = opt.block_q;
+  g.block_k = opt.block_k;
+  g.rule = opt.rule;
+  g.validate(where);
+  return g;
+}
+
+}  // namespace detail
 
 BlockRange diagonal_band(const PlanGeometry& geo, int64_t qb, int64_t w) {
   BlockRange r;
