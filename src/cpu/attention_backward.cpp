@@ -90,11 +90,7 @@ void dq_pass(const detail::AttentionProblem& p, const PlanGeometry& geo, const T
                      false);  // dP
         for (int64_t i = 0; i < rows; ++i) {
           A* srow = s.get() + i * bk;
-          if (partial) {
-            int64_t lo, hi;
-            allowed_keys(p.rule, q0 + i, p.q_len, p.k_len, k0, k0 + cols, lo, hi);
-            mask_outside(srow, cols, lo - k0, hi - k0);
-          }
+          if (partial) mask_row(p.rule, q0 + i, p.q_len, p.k_len, k0, cols, srow);
           kernel::exp2_row(srow, cols, scale_log2, lse2.get()[i]);  // P
           A* dprow = dp.get() + i * bk;
           const A di = dl[i];
@@ -223,11 +219,7 @@ void dq_pass_bf16(const detail::AttentionProblem& p, const PlanGeometry& geo, co
                           false);  // dP (rows, cols)
         for (int64_t i = 0; i < rows; ++i) {
           float* srow = s.get() + i * bk;
-          if (partial) {
-            int64_t lo, hi;
-            allowed_keys(p.rule, q0 + i, p.q_len, p.k_len, k0, k0 + cols, lo, hi);
-            mask_outside(srow, cols, lo - k0, hi - k0);
-          }
+          if (partial) mask_row(p.rule, q0 + i, p.q_len, p.k_len, k0, cols, srow);
           kernel::exp2_row(srow, cols, scale_log2, lse2.get()[i]);  // P
           float* dprow = dp.get() + i * bk;
           const float di = dl[i];

@@ -107,11 +107,8 @@ void forward_convert(const detail::AttentionProblem& p, const TensorRef& q, cons
         kernel::gemm(rows, cols, dq, qbuf.get(), dq, kt.at(b, hk, kb), bk, s.get(), bk,
                      false);  // S (rows, cols)
         if (partial)
-          for (int64_t i = 0; i < rows; ++i) {
-            int64_t lo, hi;
-            allowed_keys(p.rule, q0 + i, p.q_len, p.k_len, k0, k0 + cols, lo, hi);
-            mask_outside(s.get() + i * bk, cols, lo - k0, hi - k0);
-          }
+          for (int64_t i = 0; i < rows; ++i)
+            mask_row(p.rule, q0 + i, p.q_len, p.k_len, k0, cols, s.get() + i * bk);
         online_softmax(s.get(), bk, rows, cols, scale_log2, dv, st);
         kernel::gemm(rows, dv, cols, s.get(), bk, vb.at(b, hk, kb), dv, o.get(), dv,
                      true);  // O += P V (rows, Dv)
@@ -158,11 +155,8 @@ void forward_bf16_dot(const detail::AttentionProblem& p, const TensorRef& q, con
         kernel::gemm_bf16(rows, cols, dq2, qbuf.get(), dq2, kt.at(b, hk, kb), bk, s.get(), bk,
                           false);  // S (rows, cols)
         if (partial)
-          for (int64_t i = 0; i < rows; ++i) {
-            int64_t lo, hi;
-            allowed_keys(p.rule, q0 + i, p.q_len, p.k_len, k0, k0 + cols, lo, hi);
-            mask_outside(s.get() + i * bk, cols, lo - k0, hi - k0);
-          }
+          for (int64_t i = 0; i < rows; ++i)
+            mask_row(p.rule, q0 + i, p.q_len, p.k_len, k0, cols, s.get() + i * bk);
         online_softmax(s.get(), bk, rows, cols, scale_log2, dv, st);
         for (int64_t i = 0; i < rows; ++i)  // (rows, bk/2) P as bf16 pairs along keys
           kernel::round_pairs_bf16(s.get() + i * bk, cols, pb.get() + i * bk2);

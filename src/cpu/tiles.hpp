@@ -111,6 +111,16 @@ inline void mask_outside(A* row, int64_t n, int64_t lo, int64_t hi) {
   for (int64_t j = std::max<int64_t>(hi, 0); j < n; ++j) row[j] = ninf;
 }
 
+// Scores of query i against keys [k0, k0 + n) in `row`: the ones the rule forbids become -inf
+// (the mask of a partial tile, one row).
+template <class A>
+inline void mask_row(const MaskRule& rule, int64_t i, int64_t q_len, int64_t k_len, int64_t k0,
+                     int64_t n, A* row) {
+  int64_t lo, hi;
+  allowed_keys(rule, i, q_len, k_len, k0, k0 + n, lo, hi);
+  mask_outside(row, n, lo - k0, hi - k0);
+}
+
 // Element pointer of row (b, h, n) of a (B, H, N, D) view.
 template <class S>
 inline S* row_ptr(const TensorRef& t, int64_t b, int64_t h, int64_t n) {
