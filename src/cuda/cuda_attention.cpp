@@ -120,14 +120,16 @@ Launcher sm90_forward(DType dtype, int64_t dim) {
 // applies and falls back quietly; "sm80" always runs the mma.sync kernel; "sm90" takes the sm_90a
 // kernel wherever it applies and makes a refused tensor map an error instead of a fallback (the
 // tests use it so that a silent fallback cannot pass for the new path).
-enum class ForwardPath { automatic, sm80, sm90 };
-ForwardPath forward_path() {
-  const char* e = std::getenv("SPATTN_CUDA_FORWARD");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return ForwardPath::automatic;
-  if (std::strcmp(e, "sm80") == 0) return ForwardPath::sm80;
-  if (std::strcmp(e, "sm90") == 0) return ForwardPath::sm90;
-  detail::throw_error("SPATTN_CUDA_FORWARD must be auto, sm80 or sm90; got \"", e, "\"");
+enum class KernelPath { automatic, sm80, sm90 };
+KernelPath kernel_path(const char* env) {
+  const char* e = std::getenv(env);
+  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return KernelPath::automatic;
+  if (std::strcmp(e, "sm80") == 0) return KernelPath::sm80;
+  if (std::strcmp(e, "sm90") == 0) return KernelPath::sm90;
+  detail::throw_error(env, " must be auto, sm80 or sm90; got \"", e, "\"");
 }
+using ForwardPath = KernelPath;
+ForwardPath forward_path() { return kernel_path("SPATTN_CUDA_FORWARD"); }
 
 // The Hopper backward passes (src/cuda/sm90/backward_sm90.cuh) for a dtype and head dim.
 struct Sm90Backward {
@@ -148,14 +150,8 @@ Sm90Backward sm90_backward(DType dtype, int64_t dim) {
 // takes the sm_90a passes where they apply and falls back quietly; "sm80" always runs the
 // mma.sync passes; "sm90" takes the sm_90a passes wherever they apply and makes a refused
 // tensor map an error instead of a fallback.
-using BackwardPath = ForwardPath;
-BackwardPath backward_path() {
-  const char* e = std::getenv("SPATTN_CUDA_BACKWARD");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return ForwardPath::automatic;
-  if (std::strcmp(e, "sm80") == 0) return ForwardPath::sm80;
-  if (std::strcmp(e, "sm90") == 0) return ForwardPath::sm90;
-  detail::throw_error("SPATTN_CUDA_BACKWARD must be auto, sm80 or sm90; got \"", e, "\"");
-}
+using BackwardPath = KernelPath;
+BackwardPath backward_path() { return kernel_path("SPATTN_CUDA_BACKWARD"); }
 
 // Runs `hopper` when given and the path allows, else (or when it declines) `fallback`.
 void launch_pass(const char* where, const char* what, BackwardPath path, Launcher hopper,

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..distill.trainer import handle_density
+
 RULES = ("hybrid", "topk", "topp")
 
 
@@ -50,16 +52,6 @@ def hybrid_config(topk: float = 0.03, topp: float = 0.2, block: int = 16) -> Any
 def patch_fn() -> Callable[[nn.Module, Any], Any]:
     import spattn
     return spattn.patch
-
-
-def handle_density(handle: Any) -> Optional[float]:
-    fn = getattr(handle, "last_density", None)
-    if fn is None:
-        return None
-    d = fn() if callable(fn) else fn
-    if d is None:
-        return None
-    return float(d.float().mean()) if isinstance(d, torch.Tensor) else float(d)
 
 
 @torch.no_grad()

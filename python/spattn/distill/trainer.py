@@ -219,7 +219,8 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _density_of(handle: Any) -> Optional[float]:
+def handle_density(handle: Any) -> Optional[float]:
+    """Mean density of the last sparse calls seen by a patch handle (None before any)."""
     fn = getattr(handle, "last_density", None)
     if fn is None:
         return None
@@ -319,7 +320,7 @@ def _run(model: nn.Module, teacher: Optional[nn.Module], handle: Any, batches: _
             loss = torch.mean((pred.float() - target) ** 2)
             (loss / opts.grad_accum).backward()
             loss_sum += float(loss.detach())
-            d = _density_of(handle)
+            d = handle_density(handle)
             if d is not None:
                 densities.append(d)
             samples += x0.shape[0]
