@@ -10,29 +10,14 @@ import importlib
 import json
 import math
 import os
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PY = os.path.join(ROOT, "python")
-# The source tree's package, unless PYTHONPATH names another spattn (e.g. one with _C built).
-if PY not in sys.path and not any(
-        os.path.isfile(os.path.join(p, "spattn", "__init__.py"))
-        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p):
-    sys.path.insert(0, PY)
+from source_tree import import_spattn
 
-try:
-    spattn = importlib.import_module("spattn")
-except ImportError:  # extension not built: load the pure-Python subpackages from a bare package
-    for _name in [n for n in sys.modules if n == "spattn" or n.startswith("spattn.")]:
-        del sys.modules[_name]
-    spattn = types.ModuleType("spattn")
-    spattn.__path__ = [os.path.join(PY, "spattn")]
-    sys.modules["spattn"] = spattn
+spattn, _ = import_spattn()
 
 demo_main = importlib.import_module("spattn.demo.__main__")
 

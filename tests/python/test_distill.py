@@ -6,40 +6,16 @@ not spattn's sparse attention. The test at the end runs the real ``spattn.patch`
 package provides it.
 """
 
-import importlib
 import math
 import os
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PY = os.path.join(ROOT, "python")
-# The source tree's package, unless PYTHONPATH names another spattn (e.g. one with _C built).
-if PY not in sys.path and not any(
-        os.path.isfile(os.path.join(p, "spattn", "__init__.py"))
-        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p):
-    sys.path.insert(0, PY)
+from source_tree import import_spattn
 
-
-def _import_spattn():
-    """The real package if it imports; otherwise a bare package object so the pure-Python
-    subpackages under test load without the compiled extension."""
-    try:
-        return importlib.import_module("spattn"), True
-    except ImportError:
-        for name in [n for n in sys.modules if n == "spattn" or n.startswith("spattn.")]:
-            del sys.modules[name]
-        pkg = types.ModuleType("spattn")
-        pkg.__path__ = [os.path.join(PY, "spattn")]
-        sys.modules["spattn"] = pkg
-        return pkg, False
-
-
-spattn, HAVE_PACKAGE = _import_spattn()
+spattn, HAVE_PACKAGE = import_spattn()
 from spattn.demo.data import MovingShapes, StepBatches  # noqa: E402
 from spattn.demo.model import build_model  # noqa: E402
 from spattn.distill import (CheckpointError, TrainOptions, distill, load_checkpoint,  # noqa: E402
