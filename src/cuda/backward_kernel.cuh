@@ -89,23 +89,9 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 1)
   load_tile<Tr::kBlockQ, D, Tr::kThreads>(sDO, row_ptr<T>(p.dout, p.do_stride, b, hq),
                                           p.do_stride[2], q0, p.q_len);
   cp_async_commit();
-  auto issue_kv = [&](int t) {
-    int k0;
-    bool masked;
-    walk.at(p, t, q0, nq, k0, masked);
-    const uint32_t sk = sK0 + (t & 1) * 2 * Tr::kTileKBytes;
-    load_tile<Tr::kBlockK, D, Tr::kThreads>(sk, kb, p.k_stride[2], k0, p.k_len);
-    load_tile<Tr::kBlockK, D, Tr::kThreads>(sk + Tr::kTileKBytes, vb, p.v_stride[2], k0, p.k_len);
-    cp_async_commit();
-  };
+  auto issue_kv = [&](int t) { load_kv_stage<Tr, D>(p, walk, t, q0, nq, sK0, kb, vb); };
   if (walk.count > 0) issue_kv(0);
-
-  int64_t generic_row = 0;
-  if (p.source == TileSource::generic) {
-    const int hp = plan_head(p.plan, hq, p.heads_q);
-    const int pr = min((q0 + warp * 16) / p.plan.block_q, p.plan.rows - 1);
-    generic_row = plan_row(p.plan, b, hp, pr);
-  }
+  const int64_t generic_row = generic_plan_row(p, b, hq, q0, warp);
   // Per-row statistics for rows g and g + 8 of this warp (rows past the end: P = 0).
   float lse2[2], delta[2];
 #pragma unroll

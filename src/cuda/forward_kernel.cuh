@@ -67,6 +67,31 @@ __device__ __forceinline__ KeyTileWalk make_key_walk(const AttnParams& p, int b,
   return w;
 }
 
+// cp.async of key tile t of `walk` (K, then V right after it) into double-buffer stage t & 1
+// at sK0, as one commit group. Tr: the kernel's traits (kBlockK, kThreads, kTileKBytes).
+template <class Tr, int D, class T>
+__device__ __forceinline__ void load_kv_stage(const AttnParams& p, const KeyTileWalk& walk, int t,
+                                              int q0, int nq, uint32_t sK0, const T* kb,
+                                              const T* vb) {
+  int k0;
+  bool masked;
+  walk.at(p, t, q0, nq, k0, masked);
+  const uint32_t sk = sK0 + (t & 1) * 2 * Tr::kTileKBytes;
+  load_tile<Tr::kBlockK, D, Tr::kThreads>(sk, kb, p.k_stride[2], k0, p.k_len);
+  load_tile<Tr::kBlockK, D, Tr::kThreads>(sk + Tr::kTileKBytes, vb, p.v_stride[2], k0, p.k_len);
+  cp_async_commit();
+}
+
+// Generic plans: the plan row of this warp's 16 query rows (block_q >= 16 keeps them in one
+// row); 0 for other tile sources.
+__device__ __forceinline__ int64_t generic_plan_row(const AttnParams& p, int b, int hq, int q0,
+                                                    int warp) {
+  if (p.source != TileSource::generic) return 0;
+  const int hp = plan_head(p.plan, hq, p.heads_q);
+  const int pr = min((q0 + warp * 16) / p.plan.block_q, p.plan.rows - 1);
+  return plan_row(p.plan, b, hp, pr);
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(ForwardTraits<D>::kThreads, 1)
     attention_forward_kernel(const __grid_constant__ AttnParams p) {
@@ -92,24 +117,9 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads, 1)
 
   load_tile<Tr::kBlockQ, D, Tr::kThreads>(sQ, qb, p.q_stride[2], q0, p.q_len);
   cp_async_commit();
-  auto issue_kv = [&](int t) {
-    int k0;
-    bool masked;
-    walk.at(p, t, q0, nq, k0, masked);
-    const uint32_t sk = sK0 + (t & 1) * 2 * Tr::kTileKBytes;
-    load_tile<Tr::kBlockK, D, Tr::kThreads>(sk, kb, p.k_stride[2], k0, p.k_len);
-    load_tile<Tr::kBlockK, D, Tr::kThreads>(sk + Tr::kTileKBytes, vb, p.v_stride[2], k0, p.k_len);
-    cp_async_commit();
-  };
+  auto issue_kv = [&](int t) { load_kv_stage<Tr, D>(p, walk, t, q0, nq, sK0, kb, vb); };
   if (walk.count > 0) issue_kv(0);
-
-  // Generic plans: the plan row of this warp's 16 rows (block_q >= 16 keeps them in one row).
-  int64_t generic_row = 0;
-  if (p.source == TileSource::generic) {
-    const int hp = plan_head(p.plan, hq, p.heads_q);
-    const int pr = min((q0 + warp * 16) / p.plan.block_q, p.plan.rows - 1);
-    generic_row = plan_row(p.plan, b, hp, pr);
-  }
+  const int64_t generic_row = generic_plan_row(p, b, hq, q0, warp);
 
   float acc_o[D / 8][4];
 #pragma unroll
