@@ -22,6 +22,35 @@ __device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem, bool 
 // ---- 1. per-row preparation ----------------------------------------------------------------------
 // One warp per (b, hq, i) row: delta (float32) and lse * log2(e) (+inf when lse = -inf, so the
 // row's probabilities come out 0 and its gradients vanish). Workspace is (B, Hq, Nq) contiguous.
+// x = A1 B1^T and y = A2 B2^T for this warp's 16 rows of A1, A2 (shared-memory tiles with D
+// columns) against 64 rows of B1, B2: the paired products of both backward passes (S and dP, or
+// S^T and dP^T), issued together so each k-step's fragments are loaded once.
+template <class T, int D>
+__device__ __forceinline__ void two_products_nt(float (&x)[8][4], float (&y)[8][4], uint32_t sA1,
+                                                uint32_t sA2, uint32_t sB1, uint32_t sB2,
+                                                int warp, int lane) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[n][e] = y[n][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a1[4], a2[4];
+    frag_a<D>(a1, sA1, warp * 16, kk * 16, lane);
+    frag_a<D>(a2, sA2, warp * 16, kk * 16, lane);
+#pragma unroll
+    for (int n = 0; n < 8; n += 2) {
+      uint32_t b1[4], b2[4];
+      frag_b_nt<D>(b1, sB1, n * 8, kk * 16, lane);
+      frag_b_nt<D>(b2, sB2, n * 8, kk * 16, lane);
+      mma16816<T>(x[n], a1, b1[0], b1[1]);
+      mma16816<T>(x[n + 1], a1, b1[2], b1[3]);
+      mma16816<T>(y[n], a2, b2[0], b2[1]);
+      mma16816<T>(y[n + 1], a2, b2[2], b2[3]);
+    }
+  }
+}
+
 template <class T, int D>
 __global__ void backward_prepare_kernel(const __grid_constant__ AttnParams p) {
   const int64_t rows = int64_t(p.batch) * p.heads_q * p.q_len;
@@ -122,26 +151,7 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 1)
 
     // S = Q K^T and dP = dout V^T: (16 rows, 64 keys) per warp.
     float s[8][4], dp[8][4];
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4], ad[4];
-      frag_a<D>(a, sQ, warp * 16, kk * 16, lane);
-      frag_a<D>(ad, sDO, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int n = 0; n < 8; n += 2) {
-        uint32_t bk[4], bv[4];
-        frag_b_nt<D>(bk, sK, n * 8, kk * 16, lane);
-        frag_b_nt<D>(bv, sV, n * 8, kk * 16, lane);
-        mma16816<T>(s[n], a, bk[0], bk[1]);
-        mma16816<T>(s[n + 1], a, bk[2], bk[3]);
-        mma16816<T>(dp[n], ad, bv[0], bv[1]);
-        mma16816<T>(dp[n + 1], ad, bv[2], bv[3]);
-      }
-    }
+    two_products_nt<T, D>(s, dp, sQ, sDO, sK, sV, warp, lane);
     if (masked) {
       const uint64_t listed = p.source == TileSource::generic
                                   ? listed_columns(p.plan, generic_row, k0, p.plan.block_k)
@@ -339,26 +349,7 @@ __global__ void __launch_bounds__(DkdvTraits<D>::kThreads, 2)
 
     // S^T = K Q^T and dP^T = V dout^T: (16 keys, 64 queries) per warp.
     float s[8][4], dp[8][4];
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t ak[4], av[4];
-      frag_a<D>(ak, sK, warp * 16, kk * 16, lane);
-      frag_a<D>(av, sV, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int n = 0; n < 8; n += 2) {
-        uint32_t bq[4], bd[4];
-        frag_b_nt<D>(bq, sQ, n * 8, kk * 16, lane);
-        frag_b_nt<D>(bd, sDO, n * 8, kk * 16, lane);
-        mma16816<T>(s[n], ak, bq[0], bq[1]);
-        mma16816<T>(s[n + 1], ak, bq[2], bq[3]);
-        mma16816<T>(dp[n], av, bd[0], bd[1]);
-        mma16816<T>(dp[n + 1], av, bd[2], bd[3]);
-      }
-    }
+    two_products_nt<T, D>(s, dp, sK, sV, sQ, sDO, warp, lane);
     if (masked) {
       uint64_t listed = ~uint64_t(0);
       if (p.source == TileSource::generic) {
