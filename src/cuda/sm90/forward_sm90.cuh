@@ -135,20 +135,17 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
         k0[1] = k0[0];
         if (2 * u + 1 < walk.count) walk.at(p, 2 * u + 1, q0, nq, k0[1], masked);
         // Tile h of the step fills rows 64h .. 64h + 63 of every slab of the stage.
-        mbar_arrive_expect_tx(k_full(s), Tr::kKVBytes);
+        auto load_stage = [&](uint32_t stage, const CUtensorMap* map, uint32_t bar) {
+          mbar_arrive_expect_tx(bar, Tr::kKVBytes);
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+          for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int sl = 0; sl < Tr::kSlabs; ++sl)
-            tma_load_4d(sK + s * Tr::kKVBytes + sl * Tr::kKVSlabBytes + h * Tr::kTileSlabBytes,
-                        &maps.k, k_full(s), sl * Tr::kSlab, k0[h], hk, b);
-        mbar_arrive_expect_tx(v_full(s), Tr::kKVBytes);
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int sl = 0; sl < Tr::kSlabs; ++sl)
-            tma_load_4d(sV + s * Tr::kKVBytes + sl * Tr::kKVSlabBytes + h * Tr::kTileSlabBytes,
-                        &maps.v, v_full(s), sl * Tr::kSlab, k0[h], hk, b);
+            for (int sl = 0; sl < Tr::kSlabs; ++sl)
+              tma_load_4d(stage + sl * Tr::kKVSlabBytes + h * Tr::kTileSlabBytes, map, bar,
+                          sl * Tr::kSlab, k0[h], hk, b);
+        };
+        load_stage(sK + s * Tr::kKVBytes, &maps.k, k_full(s));
+        load_stage(sV + s * Tr::kKVBytes, &maps.v, v_full(s));
       }
     }
     return;
