@@ -233,6 +233,19 @@ __device__ __forceinline__ bool rule_allows(const AttnParams& p, int i, int j) {
   return i < p.q_len && j < p.k_len && d >= p.d_lo && d <= p.d_hi;
 }
 
+// Sets to -inf the entries of a 64-key accumulator block that the rule (or a tail) forbids.
+// Layout of the m16n8 / wgmma float accumulators: acc[4j + e] is query row0 + 8 * (e / 2) and
+// key k0 + 8j + 2 * tq + (e % 2).
+__device__ __forceinline__ void mask_block64(const AttnParams& p, int row0, int k0, int tq,
+                                             float* acc) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (!rule_allows(p, row0 + 8 * (e >> 1), k0 + 8 * j + 2 * tq + (e & 1)))
+        acc[4 * j + e] = -INFINITY;
+}
+
 template <class T>
 __device__ __forceinline__ const T* row_ptr(const void* base, const int64_t* stride, int b, int h) {
   return static_cast<const T*>(base) + int64_t(b) * stride[0] + int64_t(h) * stride[1];

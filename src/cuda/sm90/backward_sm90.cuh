@@ -226,14 +226,7 @@ __global__ void __launch_bounds__(DqSm90Traits<D>::kThreads, 1)
         int k0;
         bool masked;
         walk.at(p, t, q0, nq, k0, masked);
-        if (masked) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (!rule_allows(p, row0 + 8 * (e >> 1), k0 + 8 * j + 2 * tq + (e & 1)))
-                sc[4 * j + e] = -INFINITY;
-        }
+        if (masked) mask_block64(p, row0, k0, tq, sc);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           float v[4];

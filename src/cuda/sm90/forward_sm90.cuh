@@ -218,14 +218,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
       int k0;
       bool masked;
       walk.at(p, 2 * u + h, q0, nq, k0, masked);
-      if (masked) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (!rule_allows(p, row0 + 8 * (e >> 1), k0 + 8 * j + 2 * tq + (e & 1)))
-              sc[32 * h + 4 * j + e] = -INFINITY;
-      }
+      if (masked) mask_block64(p, row0, k0, tq, sc + 32 * h);
     }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
