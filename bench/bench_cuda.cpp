@@ -3,7 +3,9 @@
 // them with the PyTorch peers into one table).
 //
 //   bench_cuda [--seq 32768] [--heads 12] [--dim 128] [--iters 20] [--densities 0.15,0.10,0.05]
-//              [--block-q 128] [--block-k 64] [--causal 0|1|both] [--seed 1]
+//              [--block-q 128] [--block-k 64] [--causal 0|1|both] [--seed 1] [--dense 1|0]
+//
+// --dense 0 skips the dense rows (bench_cuda.py measures them once, with its first plan blocks).
 //
 // Timing protocol: the one of triton.testing.do_bench, which bench_cuda.py uses for the PyTorch
 // rows, so every row of the table is measured the same way: 25 ms of warm-up calls, then at
@@ -46,6 +48,7 @@ int main(int argc, char** argv) {
   int64_t N = 32768, H = 12, D = 128;
   int iters = 20, block_q = 128, block_k = 64;
   uint64_t seed = 1;
+  bool with_dense = true;
   std::string causal_arg = "both";
   std::vector<double> densities = {0.15, 0.10, 0.05};
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -58,6 +61,7 @@ int main(int argc, char** argv) {
     else if (a == "--block-k") block_k = std::stoi(v);
     else if (a == "--seed") seed = std::stoull(v);
     else if (a == "--causal") causal_arg = v;
+    else if (a == "--dense") with_dense = v != "0";
     else if (a == "--densities") {
       densities.clear();
       size_t pos = 0;
@@ -102,7 +106,8 @@ int main(int argc, char** argv) {
   for (bool causal : causals) {
     AttentionParams params;
     params.mask.causal = causal;
-    std::vector<double> runs = {-1.0};
+    std::vector<double> runs;
+    if (with_dense) runs.push_back(-1.0);
     runs.insert(runs.end(), densities.begin(), densities.end());
     for (double density : runs) {
       BlockPlan plan;

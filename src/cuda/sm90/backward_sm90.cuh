@@ -269,28 +269,39 @@ __global__ void __launch_bounds__(DqSm90Traits<D>::kThreads, 1)
 }
 
 // ---- dk, dv ------------------------------------------------------------------------------------------
-template <int D>
+// Two CTA shapes, both with two consumer warpgroups:
+//   narrow (kWide = false): 64 keys per CTA, steps of 128 query rows; consumer c takes rows
+//     64c .. 64c + 63 of each step, so both hold partial dK, dV of all 64 keys, summed in the
+//     epilogue. Any transposed plan whose block_q is a multiple of 128 (the 128 x 64 default).
+//   wide (kWide = true): 128 keys per CTA, steps of 64 query rows read by both consumers;
+//     consumer c owns keys 64c .. 64c + 63 outright. Per step it moves half the Q/dO bytes of
+//     the narrow shape for the same products and needs no partial sums; it takes dense and
+//     rule-only problems and plans whose block_k is a multiple of 128 (both halves of the CTA
+//     then share one transposed plan row).
+template <int D, bool kWide>
 struct DkdvSm90Traits {
-  static constexpr int kBlockK = 64;    // keys per CTA (= the default plan block_k)
-  static constexpr int kBlockQ = 128;   // query rows per step (a 256-row plan block is 2 steps)
-  static constexpr int kConsumers = 2;  // consumer c: query rows 64c .. 64c + 63 of a step
+  static constexpr int kBlockK = kWide ? 128 : 64;  // keys per CTA
+  static constexpr int kStepQ = kWide ? 64 : 128;   // query rows per step
+  static constexpr int kConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kSlabs = D / 64;
-  static constexpr int kStages = D == 128 ? 2 : 3;
+  static constexpr int kStages = kWide ? (D == 128 ? 4 : 6) : (D == 128 ? 2 : 3);
   static constexpr int kKVSlabBytes = kBlockK * 128;
   static constexpr int kKVBytes = kSlabs * kKVSlabBytes;
-  static constexpr int kQSlabBytes = kBlockQ * 128;
+  static constexpr int kQSlabBytes = kStepQ * 128;
   static constexpr int kQBytes = kSlabs * kQSlabBytes;
-  static constexpr int kStageBytes = 2 * kQBytes;     // Q, dO
-  static constexpr int kStatBytes = 2 * kBlockQ * 4;  // lse2[128], delta[128]
-  static constexpr int kBarriers = 1 + 2 * kStages;   // kv_full, full[], empty[]
+  static constexpr int kStageBytes = 2 * kQBytes;    // Q, dO
+  static constexpr int kStatBytes = 2 * kStepQ * 4;  // lse2[kStepQ], delta[kStepQ]
+  static constexpr int kBarriers = 1 + 2 * kStages;  // kv_full, full[], empty[]
   // K, V, the Q/dO ring, the statistics ring, barriers, alignment slack.
-  // D = 128: 16 + 16 + 2 x 64 + 2 x 1 KiB = 162 KiB.
+  // D = 128: narrow 32 + 2 x 64 + 2 x 1 KiB = 162 KiB; wide 64 + 4 x 32 + 4 x 0.5 KiB = 195 KiB.
   static constexpr int kSmemBytes =
       2 * kKVBytes + kStages * (kStageBytes + kStatBytes) + 8 * kBarriers + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "sm90 dk/dv shared memory over the per-block limit");
-  // The epilogue stages one consumer's dK and the other's dV partials (float32) in the ring.
-  static_assert(2 * 128 * (D / 2) * 4 <= kStages * kStageBytes, "epilogue staging over the ring");
+  // The narrow epilogue stages one consumer's dK and the other's dV partials (float32) in the
+  // ring.
+  static_assert(kWide || 2 * 128 * (D / 2) * 4 <= kStages * kStageBytes,
+                "epilogue staging over the ring");
   static_assert(D == 64 || D == 128, "sm90 backward takes head dims 64 and 128");
   // Consumers hold dK and dV (2 x 64 at D = 128), S^T and dP^T (2 x 32) and the A fragments.
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
@@ -299,19 +310,20 @@ struct DkdvSm90Traits {
   static constexpr int kStatWarp = 1;  // producer warp that copies lse2 and delta
 };
 
-// The (query head h of the GQA group, 128-query step t) pairs one key tile visits, in a fixed
-// order: heads ascending, then the transposed plan row (full run, then partial run) or the
-// rule's query range.
+// The (query head h of the GQA group, query step t) pairs one key CTA visits, in a fixed order:
+// heads ascending, then the transposed plan row (full run, then partial run) or the rule's
+// query range, in steps of kStepQ rows.
+template <int kStepQ>
 struct QueryStepWalk {
   TileSource source;
-  int b, hk, k0, nk;
+  int b, hk, k0, nk, bk;    // bk: the CTA's keys (masks of rule-only steps)
   int first, range_count;  // dense: the same steps for every head
 
   __device__ int count(const AttnParams& p, int h) const {
     if (source != TileSource::native) return range_count;
     const int hq = hk * p.group + h;
     const int64_t row = plan_row(p.tplan, b, plan_head(p.tplan, hq, p.heads_q), k0 / p.tplan.block_k);
-    return (p.tplan.num_full[row] + p.tplan.num_partial[row]) * (p.tplan.block_q / 128);
+    return (p.tplan.num_full[row] + p.tplan.num_partial[row]) * (p.tplan.block_q / kStepQ);
   }
   // Moves (h, t) to the next existing pair; false when done.
   __device__ bool settle(const AttnParams& p, int& h, int& t) const {
@@ -326,29 +338,30 @@ struct QueryStepWalk {
       const int hq = hk * p.group + h;
       const int64_t row =
           plan_row(p.tplan, b, plan_head(p.tplan, hq, p.heads_q), k0 / p.tplan.block_k);
-      const int sub = p.tplan.block_q / 128;
+      const int sub = p.tplan.block_q / kStepQ;
       const int pi = t / sub;
-      q0 = p.tplan.index[row * p.tplan.capacity + pi] * p.tplan.block_q + (t - pi * sub) * 128;
+      q0 = p.tplan.index[row * p.tplan.capacity + pi] * p.tplan.block_q + (t - pi * sub) * kStepQ;
       masked = pi >= p.tplan.num_full[row];
     } else {
-      q0 = (first + t) * 128;
-      masked = !tile_is_full(p, q0, min(128, p.q_len - q0), k0, nk, 128, 64);
+      q0 = (first + t) * kStepQ;
+      masked = !tile_is_full(p, q0, min(kStepQ, p.q_len - q0), k0, nk, kStepQ, bk);
     }
   }
 };
 
-template <class T, int D>
-__global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
+template <class T, int D, bool kWide>
+__global__ void __launch_bounds__(DkdvSm90Traits<D, kWide>::kThreads, 1)
     attention_dkdv_sm90_kernel(const __grid_constant__ AttnParams p,
                                const __grid_constant__ BackwardMaps maps) {
-  using Tr = DkdvSm90Traits<D>;
+  using Tr = DkdvSm90Traits<D, kWide>;
   constexpr int S = Tr::kStages;
+  constexpr int kStepQ = Tr::kStepQ;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t sK = (raw + 1023u) & ~1023u;
   const uint32_t sV = sK + Tr::kKVBytes;
   const uint32_t sRing = sV + Tr::kKVBytes;  // stage s: Q at sRing + s * kStageBytes, dO after
-  const uint32_t sStats = sRing + S * Tr::kStageBytes;  // stage s: lse2[128], delta[128]
+  const uint32_t sStats = sRing + S * Tr::kStageBytes;  // stage s: lse2[kStepQ], delta[kStepQ]
   const uint32_t bars = sStats + S * Tr::kStatBytes;
   const uint32_t kv_full = bars;
   auto full = [&](int s) { return bars + 8u * (1 + s); };
@@ -357,14 +370,15 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
   const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int k0 = kt * Tr::kBlockK;
   const int nk = min(Tr::kBlockK, p.k_len - k0);
-  QueryStepWalk walk{};
+  QueryStepWalk<kStepQ> walk{};
   walk.source = p.source;
   walk.b = b;
   walk.hk = hk;
   walk.k0 = k0;
   walk.nk = nk;
+  walk.bk = Tr::kBlockK;
   if (p.source != TileSource::native) {
-    const int2 r = query_tile_range(p, k0, k0 + nk, 128);
+    const int2 r = query_tile_range(p, k0, k0 + nk, kStepQ);
     walk.first = r.x;
     walk.range_count = r.y - r.x;
   }
@@ -418,10 +432,10 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
           const int64_t w0 = (int64_t(b) * p.heads_q + hq) * p.q_len;
           const uint32_t st = sStats + s * Tr::kStatBytes;
 #pragma unroll
-          for (int i = lane; i < Tr::kBlockQ; i += 32) {
+          for (int i = lane; i < kStepQ; i += 32) {
             const bool valid = q0 + i < p.q_len;
             bwd_st_shared_f32(st + 4 * i, valid ? p.lse2[w0 + q0 + i] : INFINITY);
-            bwd_st_shared_f32(st + 4 * (Tr::kBlockQ + i), valid ? p.delta[w0 + q0 + i] : 0.f);
+            bwd_st_shared_f32(st + 4 * (kStepQ + i), valid ? p.delta[w0 + q0 + i] : 0.f);
           }
           mbar_arrive(full(s));  // release: the stores above are visible to the waiters
         }
@@ -433,9 +447,13 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
     const int c = wg - 1;
     const int tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
-    const int key0 = k0 + 16 * warp + g;  // this thread's keys: key0, key0 + 8
+    // Wide: this consumer's 64 keys and every query row of the step. Narrow: all 64 keys and
+    // query rows 64c .. 64c + 63 of the step.
+    const int key_off = kWide ? 64 * c : 0, query_off = kWide ? 0 : 64 * c;
+    const uint32_t sKc = sK + key_off * 128, sVc = sV + key_off * 128;
+    const int key0 = k0 + key_off + 16 * warp + g;  // this thread's keys: key0, key0 + 8
 
-    float dk[D / 2], dv[D / 2];  // 64 keys x D per warpgroup (partial: this consumer's queries)
+    float dk[D / 2], dv[D / 2];  // 64 keys x D per warpgroup (narrow: this consumer's queries)
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
 
@@ -446,20 +464,20 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
       int q0;
       bool masked;
       walk.at(p, h, t, q0, masked);
-      const uint32_t sQc = sRing + s * Tr::kStageBytes + c * 64 * 128;
+      const uint32_t sQc = sRing + s * Tr::kStageBytes + query_off * 128;
       const uint32_t sDOc = sQc + Tr::kQBytes;
-      const uint32_t st = sStats + s * Tr::kStatBytes + c * 64 * 4;
+      const uint32_t st = sStats + s * Tr::kStatBytes + query_off * 4;
       mbar_wait(full(s), (n / S) & 1);
 
       float sc[32], dp[32];  // S^T and dP^T: 64 keys x 64 queries
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
-        Wgmma<T, 64>::template ss<0>(sc, desc_kmajor(sK, Tr::kKVSlabBytes, kk),
+        Wgmma<T, 64>::template ss<0>(sc, desc_kmajor(sKc, Tr::kKVSlabBytes, kk),
                                      desc_kmajor(sQc, Tr::kQSlabBytes, kk), kk > 0);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
-        Wgmma<T, 64>::template ss<0>(dp, desc_kmajor(sV, Tr::kKVSlabBytes, kk),
+        Wgmma<T, 64>::template ss<0>(dp, desc_kmajor(sVc, Tr::kKVSlabBytes, kk),
                                      desc_kmajor(sDOc, Tr::kQSlabBytes, kk), kk > 0);
       wgmma_commit();
       wgmma_wait<0>();
@@ -467,7 +485,7 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
       fence_regs(dp);
 
       if (masked) {
-        const int i0 = q0 + 64 * c + 2 * tq;
+        const int i0 = q0 + query_off + 2 * tq;
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -479,7 +497,7 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const float2 l = bwd_ld_shared_f2(st + 4 * (8 * j + 2 * tq));
-        const float2 d = bwd_ld_shared_f2(st + 4 * (Tr::kBlockQ + 8 * j + 2 * tq));
+        const float2 d = bwd_ld_shared_f2(st + 4 * (kStepQ + 8 * j + 2 * tq));
         float pv[4], ds[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -510,23 +528,8 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
       if (lane == 0) mbar_arrive(empty(s));
     }
 
-    // ---- epilogue: dK = dK_0 + dK_1 (consumer 0 stores), dV = dV_1 + dV_0 (consumer 1) ----
-    // Both consumers are past their last products, so the Q/dO ring is free: consumer 1 stages
-    // its dK partial, consumer 0 its dV partial, thread-interleaved (conflict-free).
-    consumers_sync();
-    const uint32_t part_dk = sRing, part_dv = sRing + 128 * (D / 2) * 4;
-    // Register arrays are picked by branch, never through a pointer (which would put them in
-    // local memory).
-    auto stage_part = [&](const float(&src)[D / 2], uint32_t dst) {
-#pragma unroll
-      for (int i = 0; i < D / 2; ++i) bwd_st_shared_f32(dst + 4 * (i * 128 + tid), src[i]);
-    };
-    if (c == 1) stage_part(dk, part_dk);
-    else stage_part(dv, part_dv);
-    consumers_sync();
-    auto finish = [&](float(&acc)[D / 2], uint32_t other, T* base, int64_t rs, float mul) {
-#pragma unroll
-      for (int i = 0; i < D / 2; ++i) acc[i] += bwd_ld_shared_f32(other + 4 * (i * 128 + tid));
+    // ---- epilogue ----
+    auto store = [&](const float(&acc)[D / 2], T* base, int64_t rs, float mul) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int j = key0 + 8 * r;
@@ -538,22 +541,52 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D>::kThreads, 1)
               Elem<T>::pack(acc[4 * jj + 2 * r] * mul, acc[4 * jj + 2 * r + 1] * mul);
       }
     };
-    if (c == 0) finish(dk, part_dk, row_ptr_mut<T>(p.dk, p.dk_stride, b, hk), p.dk_stride[2], p.scale);
-    else finish(dv, part_dv, row_ptr_mut<T>(p.dv, p.dv_stride, b, hk), p.dv_stride[2], 1.f);
+    T* const dk_base = row_ptr_mut<T>(p.dk, p.dk_stride, b, hk);
+    T* const dv_base = row_ptr_mut<T>(p.dv, p.dv_stride, b, hk);
+    if constexpr (kWide) {
+      store(dk, dk_base, p.dk_stride[2], p.scale);
+      store(dv, dv_base, p.dv_stride[2], 1.f);
+    } else {
+      // dK = dK_0 + dK_1 (consumer 0 stores), dV = dV_1 + dV_0 (consumer 1). Both consumers
+      // are past their last products, so the Q/dO ring is free: consumer 1 stages its dK
+      // partial, consumer 0 its dV partial, thread-interleaved (conflict-free).
+      consumers_sync();
+      const uint32_t part_dk = sRing, part_dv = sRing + 128 * (D / 2) * 4;
+      // Register arrays are picked by branch, never through a pointer (which would put them
+      // in local memory).
+      auto stage_part = [&](const float(&src)[D / 2], uint32_t dst) {
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) bwd_st_shared_f32(dst + 4 * (i * 128 + tid), src[i]);
+      };
+      if (c == 1) stage_part(dk, part_dk);
+      else stage_part(dv, part_dv);
+      consumers_sync();
+      auto add_part = [&](float(&acc)[D / 2], uint32_t other) {
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) acc[i] += bwd_ld_shared_f32(other + 4 * (i * 128 + tid));
+      };
+      if (c == 0) {
+        add_part(dk, part_dk);
+        store(dk, dk_base, p.dk_stride[2], p.scale);
+      } else {
+        add_part(dv, part_dv);
+        store(dv, dv_base, p.dv_stride[2], 1.f);
+      }
+    }
   }
 }
 
 // ---- host launchers (instantiated once per dtype and head dim) --------------------------------------
 // Both return cudaErrorNotSupported, launching nothing, for what they do not take (generic
-// plans, empty sequences, transposed plans whose block_q is not a multiple of 128) or when the
-// driver refuses a tensor map; the dispatcher then runs the mma.sync kernel.
+// plans, empty sequences, transposed plans that fit neither dk/dv CTA shape) or when the driver
+// refuses a tensor map; the dispatcher then runs the mma.sync kernel.
 template <class T, int D>
-bool backward_maps(const AttnParams& p, BackwardMaps* m) {
+bool backward_maps(const AttnParams& p, BackwardMaps* m, int q_box, int kv_box) {
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-  return encode_map(&m->q, p.q, p.q_stride, bf16, D, p.q_len, p.heads_q, p.batch, 128) &&
-         encode_map(&m->dout, p.dout, p.do_stride, bf16, D, p.q_len, p.heads_q, p.batch, 128) &&
-         encode_map(&m->k, p.k, p.k_stride, bf16, D, p.k_len, p.heads_kv, p.batch, 64) &&
-         encode_map(&m->v, p.v, p.v_stride, bf16, D, p.k_len, p.heads_kv, p.batch, 64);
+  return encode_map(&m->q, p.q, p.q_stride, bf16, D, p.q_len, p.heads_q, p.batch, q_box) &&
+         encode_map(&m->dout, p.dout, p.do_stride, bf16, D, p.q_len, p.heads_q, p.batch, q_box) &&
+         encode_map(&m->k, p.k, p.k_stride, bf16, D, p.k_len, p.heads_kv, p.batch, kv_box) &&
+         encode_map(&m->v, p.v, p.v_stride, bf16, D, p.k_len, p.heads_kv, p.batch, kv_box);
 }
 
 template <class T, int D>
@@ -561,7 +594,7 @@ cudaError_t launch_dq_sm90(const AttnParams& p, cudaStream_t stream) {
   using Tr = DqSm90Traits<D>;
   if (p.source == TileSource::generic || p.k_len <= 0 || p.q_len <= 0) return cudaErrorNotSupported;
   BackwardMaps maps;
-  if (!backward_maps<T, D>(p, &maps)) return cudaErrorNotSupported;
+  if (!backward_maps<T, D>(p, &maps, Tr::kBlockQ, Tr::kBlockK)) return cudaErrorNotSupported;
   auto kernel = attention_dq_sm90_kernel<T, D>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        Tr::kSmemBytes);
@@ -571,21 +604,30 @@ cudaError_t launch_dq_sm90(const AttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T, int D>
-cudaError_t launch_dkdv_sm90(const AttnParams& p, cudaStream_t stream) {
-  using Tr = DkdvSm90Traits<D>;
-  if (p.source == TileSource::generic || p.k_len <= 0 || p.q_len <= 0 ||
-      (p.source == TileSource::native && p.tplan.block_q % 128 != 0))
-    return cudaErrorNotSupported;
+template <class T, int D, bool kWide>
+cudaError_t launch_dkdv_shape(const AttnParams& p, cudaStream_t stream) {
+  using Tr = DkdvSm90Traits<D, kWide>;
   BackwardMaps maps;
-  if (!backward_maps<T, D>(p, &maps)) return cudaErrorNotSupported;
-  auto kernel = attention_dkdv_sm90_kernel<T, D>;
+  if (!backward_maps<T, D>(p, &maps, Tr::kStepQ, Tr::kBlockK)) return cudaErrorNotSupported;
+  auto kernel = attention_dkdv_sm90_kernel<T, D, kWide>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        Tr::kSmemBytes);
   if (e != cudaSuccess) return e;
   const dim3 grid((p.k_len + Tr::kBlockK - 1) / Tr::kBlockK, p.heads_kv, p.batch);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
   return cudaGetLastError();
+}
+
+// The wide CTA where the plan allows it (dense and rule-only problems, transposed plans with
+// block_k % 128 == 0 and block_q % 64 == 0), else the narrow one (block_q % 128 == 0).
+template <class T, int D>
+cudaError_t launch_dkdv_sm90(const AttnParams& p, cudaStream_t stream) {
+  if (p.source == TileSource::generic || p.k_len <= 0 || p.q_len <= 0) return cudaErrorNotSupported;
+  const bool native = p.source == TileSource::native;
+  if (!native || (p.tplan.block_k % 128 == 0 && p.tplan.block_q % 64 == 0))
+    return launch_dkdv_shape<T, D, true>(p, stream);
+  if (p.tplan.block_q % 128 == 0) return launch_dkdv_shape<T, D, false>(p, stream);
+  return cudaErrorNotSupported;
 }
 
 }  // namespace spattn::cuda::sm90
