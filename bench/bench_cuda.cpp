@@ -4,25 +4,29 @@
 //
 //   bench_cuda [--seq 32768] [--heads 12] [--dim 128] [--iters 20] [--densities 0.15,0.10,0.05]
 //              [--block-q 128] [--block-k 64] [--causal 0|1|both] [--seed 1] [--dense 1|0]
+//              [--cooldown 1.0]
 //
-// --dense 0 skips the dense rows (bench_cuda.py measures them once, with its first plan blocks).
+// --dense 0 skips the dense rows (bench_cuda.py measures them once, with its first plan blocks);
+// --cooldown is the idle time in seconds before each measurement.
 //
 // Timing protocol: the one of triton.testing.do_bench, which bench_cuda.py uses for the PyTorch
 // rows, so every row of the table is measured the same way: 25 ms of warm-up calls, then at
 // least 100 ms (and at least --iters) of repetitions, each preceded by a 256 MB memset that
 // flushes L2 and keeps the GPU busy while the host enqueues the call (so host-side launch work
 // is not timed), an event pair around each call, no synchronisation between repetitions; the
-// median of the per-call times.
+// median of the per-call times. Both sides idle --cooldown seconds before each measurement.
 //
 // Block masks come from a counter hash (splitmix64 of (head, query block, kv block) and the
 // seed) so that bench_cuda.py rebuilds exactly the same mask for FlexAttention.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda_bench_util.hpp"
@@ -49,6 +53,7 @@ int main(int argc, char** argv) {
   int iters = 20, block_q = 128, block_k = 64;
   uint64_t seed = 1;
   bool with_dense = true;
+  double cooldown_s = 1.0;
   std::string causal_arg = "both";
   std::vector<double> densities = {0.15, 0.10, 0.05};
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -62,6 +67,7 @@ int main(int argc, char** argv) {
     else if (a == "--seed") seed = std::stoull(v);
     else if (a == "--causal") causal_arg = v;
     else if (a == "--dense") with_dense = v != "0";
+    else if (a == "--cooldown") cooldown_s = std::stod(v);
     else if (a == "--densities") {
       densities.clear();
       size_t pos = 0;
@@ -143,6 +149,9 @@ int main(int argc, char** argv) {
         pv = &view;
       }
       auto time_it = [&](bool with_backward) {
+        // Idle first, so each measurement starts from the same clocks (a dense fwd+bwd run
+        // before it otherwise leaves the GPU clocked down for the next one).
+        std::this_thread::sleep_for(std::chrono::duration<double>(cooldown_s));
         auto call = [&] {
           forward(tq, tk, tv, pv, params, to, tl);
           if (with_backward) backward(tq, tk, tv, to, tl, tdo, pv, params, tdq, tdk, tdv);

@@ -16,6 +16,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -44,8 +45,15 @@ def block_mask_bits(heads, nqb, nkb, density, seed, causal, bq, bk):
     return keep
 
 
+COOLDOWN_S = 1.0
+
+
 def bench(fn, warmup=25, rep=100):
     import triton.testing
+    # Idle first, as bench_cuda does: each row starts from the same clocks instead of those the
+    # previous row's load left.
+    torch.cuda.synchronize()
+    time.sleep(COOLDOWN_S)
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
@@ -84,10 +92,14 @@ def main():
                     help="plan blocks spattn runs, each against FlexAttention's mask of the same "
                          "blocks")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--cooldown", type=float, default=1.0,
+                    help="idle seconds before each measurement (spattn's and the peers')")
     ap.add_argument("--json-out", help="write all rows here as JSON")
     ap.add_argument("--replay", help="print the table of an earlier --json-out file, measure nothing")
     args = ap.parse_args()
     N, H, D = args.seq, args.heads, args.dim
+    global COOLDOWN_S
+    COOLDOWN_S = args.cooldown
     densities = [float(x) for x in args.densities.split(",") if x]
     causals = [False, True] if args.causal == "both" else [args.causal == "1"]
     rows = []
@@ -102,7 +114,7 @@ def main():
         bq, bk = (int(x) for x in blocks.split("x"))
         cmd = [args.spattn, "--seq", str(N), "--heads", str(H), "--dim", str(D),
                "--densities", args.densities, "--causal", args.causal, "--seed", str(args.seed),
-               "--block-q", str(bq), "--block-k", str(bk)]
+               "--block-q", str(bq), "--block-k", str(bk), "--cooldown", str(args.cooldown)]
         if n > 0:
             cmd += ["--dense", "0"]  # measured once, with the first blocks
         res = subprocess.run(cmd, capture_output=True, text=True)

@@ -9,17 +9,18 @@
 //        dP = dO V^T   wgmma m64n64k16, A = dO, B = V (K-major), shared memory
 //        dS = P * (dP - delta), P = exp2(S * scale * log2e - lse2), in registers
 //        dQ += dS K    wgmma m64n{D}k16, A = dS from registers, B = K (N-major)
-//      S and dP of tile t+1 are issued right after dQ of tile t, so the tensor cores have work
-//      while the warpgroup waits.
-//   3. attention_dkdv_sm90_kernel: one CTA per (64 keys, kv head, batch), walking the transposed
-//      plan over the query heads of the GQA group in 128-query steps; consumer c takes query
-//      rows 64c .. 64c + 63 of each step:
+//      S and dP of tile t+1 are issued before dQ of tile t, and dS of t+1 is computed while
+//      dQ of t still runs.
+//   3. attention_dkdv_sm90_kernel: one CTA per (64 or 128 keys, kv head, batch), walking the
+//      transposed plan over the query heads of the GQA group in query steps (see "dk, dv"
+//      below for the two CTA shapes); per step, each consumer:
 //        S^T  = K Q^T    wgmma m64n64k16, A = K, B = Q (K-major)
 //        dP^T = V dO^T   wgmma m64n64k16, A = V, B = dO (K-major)
 //        P^T, dS^T = P^T * (dP^T - delta) in registers (delta, lse2 per column from the stage)
 //        dV += P^T dO    wgmma m64n{D}k16, A = P^T from registers, B = dO (N-major)
 //        dK += dS^T Q    wgmma m64n{D}k16, A = dS^T from registers, B = Q (N-major)
-//      The two consumers' partial dK, dV are summed in a fixed order in the epilogue.
+//      Narrow CTA: the two consumers' partial dK, dV are summed in a fixed order in the
+//      epilogue; wide CTA: each consumer owns its keys' dK, dV.
 // Every gradient element is a fixed-order sum: no floating-point atomics, bitwise reproducible.
 // Producer warpgroup: one thread issues TMA copies into a ring with full/empty mbarriers; in
 // the dk/dv kernel a second warp copies the step's lse2 and delta into the stage (the workspace
@@ -172,9 +173,9 @@ __global__ void __launch_bounds__(DqSm90Traits<D>::kThreads, 1)
       delta[r] = i < p.q_len ? p.delta[w] : 0.f;
     }
 
-    float dq[D / 2];  // 64 x D per warpgroup
-    float sc[32];     // S, 64 x 64
-    float dp[32];     // dP, 64 x 64
+    float dq[D / 2];   // 64 x D per warpgroup
+    float sc[32];      // S, then dS in float32, 64 x 64
+    float dp[32];      // dP, 64 x 64
     uint32_t dsf[16];  // dS as A fragments: 4 k-steps x 4 registers
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
@@ -209,50 +210,63 @@ __global__ void __launch_bounds__(DqSm90Traits<D>::kThreads, 1)
       if (lane == 0) mbar_arrive(empty(s));
     };
 
+    // dS of tile t in float32, in place of S (the rule mask first, on partial tiles).
+    auto ds_in_place = [&](int t) {
+      int k0;
+      bool masked;
+      walk.at(p, t, q0, nq, k0, masked);
+      if (masked) mask_block64(p, row0, k0, tq, sc);
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int r = (i >> 1) & 1;
+        const float pr = exp2_approx(fmaf(sc[i], p.scale_log2, -lse2[r]));
+        sc[i] = pr * (dp[i] - delta[r]);
+      }
+    };
+    // Accumulator block j (columns 8j..8j+7) is half of A k-step j / 2.
+    auto pack_ds = [&] {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) dsf[j] = Elem<T>::pack(sc[2 * j], sc[2 * j + 1]);
+    };
+
+    // As in the forward: S/dP of tile t and dQ of t - 1 are issued together, and dS of t is
+    // computed while that dQ still runs. The A fragments are packed only once it is done (a
+    // register written while a wgmma reading registers is in flight makes the compiler
+    // serialise the products), and nothing is in flight across the loop's back edge.
     mbar_wait(qd_full, 0);
-    const int count = walk.count;
+    // Warp-uniform through a lane-0 shuffle, so that the loop state and the descriptors derived
+    // from it live in uniform registers (as in the forward).
+    const int count = __shfl_sync(0xffffffffu, walk.count, 0);
     if (count > 0) {
       mbar_wait(full(0), 0);
       issue_sdp(0);
-      for (int t = 0; t < count; ++t) {
-        const int s = t % S;
-        // S_t, dP_t (and dQ of t - 1) are done.
-        wgmma_wait<0>();
+      wgmma_wait<0>();
+      fence_regs(sc);
+      fence_regs(dp);
+      ds_in_place(0);
+      pack_ds();
+      for (int t = 1; t < count; ++t) {
+        const int s = t % S, ps = (t - 1) % S;
+        mbar_wait(full(s), (t / S) & 1);
+        issue_sdp(s);
+        issue_dq(ps);
+        wgmma_wait<1>();  // S/dP of t are done; dQ of t - 1 may still run
         fence_regs(sc);
         fence_regs(dp);
+        ds_in_place(t);
+        wgmma_wait<0>();
         fence_regs(dq);
         fence_regs(dsf);
-        if (t > 0) release((t - 1) % S);
-        int k0;
-        bool masked;
-        walk.at(p, t, q0, nq, k0, masked);
-        if (masked) mask_block64(p, row0, k0, tq, sc);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          float v[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = e >> 1;
-            const float pr = exp2_approx(fmaf(sc[4 * j + e], p.scale_log2, -lse2[r]));
-            v[e] = pr * (dp[4 * j + e] - delta[r]);
-          }
-          // Accumulator block j (columns 8j..8j+7) is half of A k-step j / 2.
-          dsf[2 * j] = Elem<T>::pack(v[0], v[1]);
-          dsf[2 * j + 1] = Elem<T>::pack(v[2], v[3]);
-        }
-        issue_dq(s);
-        if (t + 1 < count) {
-          const int sn = (t + 1) % S;
-          mbar_wait(full(sn), ((t + 1) / S) & 1);
-          issue_sdp(sn);
-        }
+        release(ps);
+        pack_ds();
       }
+      const int ls = (count - 1) % S;
+      issue_dq(ls);
+      wgmma_wait<0>();
+      fence_regs(dq);
+      fence_regs(dsf);
+      release(ls);
     }
-    // dQ of the last tile (waited unconditionally: nothing in flight is a no-op).
-    wgmma_wait<0>();
-    fence_regs(dq);
-    fence_regs(dsf);
-    if (count > 0) release((count - 1) % S);
 
     T* dqb = row_ptr_mut<T>(p.dq, p.dq_stride, b, hq);
 #pragma unroll
@@ -525,6 +539,8 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D, kWide>::kThreads, 1)
       fence_regs(dk);
       fence_regs(pf);
       fence_regs(dsf);
+      // Every lane's reads of the stage (the statistics) before the warp's one arrival.
+      __syncwarp();
       if (lane == 0) mbar_arrive(empty(s));
     }
 
