@@ -402,7 +402,9 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D, kWide>::kThreads, 1)
     mbar_init(kv_full, 1);
     for (int s = 0; s < S; ++s) {
       mbar_init(full(s), 1 + 32);  // the TMA thread's expect_tx + the statistics warp's lanes
-      mbar_init(empty(s), Tr::kConsumers * 4);
+      // Every consumer thread arrives: each read the statistics of the stage with its own
+      // loads, and each arrival orders that thread's loads before the stage is refilled.
+      mbar_init(empty(s), Tr::kConsumers * 128);
     }
     mbar_fence_init();
   }
@@ -539,9 +541,7 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D, kWide>::kThreads, 1)
       fence_regs(dk);
       fence_regs(pf);
       fence_regs(dsf);
-      // Every lane's reads of the stage (the statistics) before the warp's one arrival.
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty(s));
+      mbar_arrive(empty(s));
     }
 
     // ---- epilogue ----
