@@ -1,9 +1,11 @@
 // Block-sparse attention backward on mma.sync, deterministic (no floating-point atomics):
 //   1. backward_prepare_kernel: delta = rowsum(dout * out) and lse in log2 units, per query row.
-//   2. attention_dq_kernel: per (query tile of 128, head, batch), walks the forward plan's row
-//      and accumulates dq = scale * dS K in registers (recomputing S and dP).
-//   3. attention_dkdv_kernel: per (key tile of 64, kv head, batch), walks the transposed plan
-//      over the query heads of its GQA group and accumulates dk, dv in registers.
+//   2. attention_dq_kernel: per (query tile of 128 rows (64 at D = 256), head, batch), walks
+//      the forward plan's row and accumulates dq = scale * dS K in registers (recomputing S
+//      and dP).
+//   3. attention_dkdv_kernel: per (key tile of 64, kv head, batch; at D = 256 per half of the
+//      dk/dv columns as well), walks the transposed plan over the query heads of its GQA group
+//      and accumulates dk, dv in registers.
 // Passes 2 and 3 both recompute S and P; that costs two extra matrix products over
 // FlashAttention-2's atomic dq but makes every gradient a fixed-order sum.
 #pragma once
@@ -82,7 +84,9 @@ __global__ void backward_prepare_kernel(const __grid_constant__ AttnParams p) {
 // ---- 2. dq ----------------------------------------------------------------------------------------
 template <int D>
 struct DqTraits {
-  static constexpr int kBlockQ = 128;
+  // 128 query rows (one plan row); 64 at head dim 256, where 128 rows of Q and dO with a
+  // double-buffered K/V tile would not fit in shared memory.
+  static constexpr int kBlockQ = D > 128 ? 64 : 128;
   static constexpr int kBlockK = 64;
   static constexpr int kWarps = kBlockQ / 16;
   static constexpr int kThreads = kWarps * 32;
@@ -111,7 +115,7 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 1)
   const uint32_t sK0 = sDO + Tr::kTileQBytes;
   const T* kb = row_ptr<T>(p.k, p.k_stride, b, hk);
   const T* vb = row_ptr<T>(p.v, p.v_stride, b, hk);
-  const KeyTileWalk walk = make_key_walk(p, b, hq, q0);
+  const KeyTileWalk walk = make_key_walk(p, b, hq, q0, Tr::kBlockQ);
 
   load_tile<Tr::kBlockQ, D, Tr::kThreads>(sQ, row_ptr<T>(p.q, p.q_stride, b, hq), p.q_stride[2],
                                           q0, p.q_len);
@@ -211,6 +215,11 @@ template <int D>
 struct DkdvTraits {
   static constexpr int kBlockK = 64;  // = the default plan block_k: one CTA per transposed row
   static constexpr int kBlockQ = 64;  // query sub-tile; a 128-row plan block is two steps
+  // Columns of dK and dV one CTA accumulates: all D up to 128; at D = 256 two CTAs per key tile
+  // take 128 columns each (both compute S^T and dP^T over all of D), since 16 keys x 256
+  // columns of dK and dV would be 256 registers per thread.
+  static constexpr int kOutD = D > 128 ? 128 : D;
+  static constexpr int kSlices = D / kOutD;
   static constexpr int kWarps = kBlockK / 16;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTileKBytes = kBlockK * D * 2;
@@ -268,7 +277,8 @@ __global__ void __launch_bounds__(DkdvTraits<D>::kThreads, 2)
   extern __shared__ __align__(128) unsigned char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
-  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int kt = blockIdx.x / Tr::kSlices, hk = blockIdx.y, b = blockIdx.z;
+  const int c0 = (blockIdx.x % Tr::kSlices) * Tr::kOutD;  // first dK/dV column of this CTA
   const int k0 = kt * Tr::kBlockK;
   const int nk = min(Tr::kBlockK, p.k_len - k0);
 
@@ -318,9 +328,9 @@ __global__ void __launch_bounds__(DkdvTraits<D>::kThreads, 2)
     cp_async_commit();
   };
 
-  float acc_dk[D / 8][4], acc_dv[D / 8][4];
+  float acc_dk[Tr::kOutD / 8][4], acc_dv[Tr::kOutD / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+  for (int i = 0; i < Tr::kOutD / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
@@ -393,14 +403,14 @@ __global__ void __launch_bounds__(DkdvTraits<D>::kThreads, 2)
       ds_frag[n >> 1][(n & 1) * 2 + 0] = Elem<T>::pack(p0 * (dp[n][0] - d0), p1 * (dp[n][1] - d1));
       ds_frag[n >> 1][(n & 1) * 2 + 1] = Elem<T>::pack(p2 * (dp[n][2] - d0), p3 * (dp[n][3] - d1));
     }
-    // dV += P^T dout, dK += dS^T Q: (16 keys, D) per warp.
+    // dV += P^T dout, dK += dS^T Q: (16 keys, this CTA's kOutD columns) per warp.
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-      for (int n = 0; n < D / 8; n += 2) {
+      for (int n = 0; n < Tr::kOutD / 8; n += 2) {
         uint32_t bd[4], bq[4];
-        frag_b_t<D>(bd, sDO, kk * 16, n * 8, lane);
-        frag_b_t<D>(bq, sQ, kk * 16, n * 8, lane);
+        frag_b_t<D>(bd, sDO, kk * 16, c0 + n * 8, lane);
+        frag_b_t<D>(bq, sQ, kk * 16, c0 + n * 8, lane);
         mma16816<T>(acc_dv[n], p_frag[kk], bd[0], bd[1]);
         mma16816<T>(acc_dv[n + 1], p_frag[kk], bd[2], bd[3]);
         mma16816<T>(acc_dk[n], ds_frag[kk], bq[0], bq[1]);
@@ -420,10 +430,10 @@ __global__ void __launch_bounds__(DkdvTraits<D>::kThreads, 2)
   for (int r = 0; r < 2; ++r) {
     const int j = k0 + warp * 16 + g + r * 8;
     if (j >= p.k_len) continue;
-    T* dkr = dkb + int64_t(j) * p.dk_stride[2];
-    T* dvr = dvb + int64_t(j) * p.dv_stride[2];
+    T* dkr = dkb + int64_t(j) * p.dk_stride[2] + c0;
+    T* dvr = dvb + int64_t(j) * p.dv_stride[2] + c0;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
+    for (int n = 0; n < Tr::kOutD / 8; ++n) {
       *reinterpret_cast<uint32_t*>(dkr + n * 8 + 2 * tq) =
           Elem<T>::pack(acc_dk[n][2 * r] * p.scale, acc_dk[n][2 * r + 1] * p.scale);
       *reinterpret_cast<uint32_t*>(dvr + n * 8 + 2 * tq) =
@@ -461,7 +471,7 @@ cudaError_t launch_dkdv(const AttnParams& p, cudaStream_t stream) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        Tr::kSmemBytes);
   if (e != cudaSuccess) return e;
-  const dim3 grid((p.k_len + Tr::kBlockK - 1) / Tr::kBlockK, p.heads_kv, p.batch);
+  const dim3 grid((p.k_len + Tr::kBlockK - 1) / Tr::kBlockK * Tr::kSlices, p.heads_kv, p.batch);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

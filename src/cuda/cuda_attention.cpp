@@ -192,9 +192,9 @@ Support supports(DType dtype, int64_t dim_qk, int64_t dim_v) {
   if (dtype != DType::bfloat16 && dtype != DType::float16)
     return {false, std::string("the CUDA backend takes bfloat16 and float16 inputs; got ") +
                        dtype_name(dtype)};
-  if (dim_qk != dim_v || (dim_qk != 64 && dim_qk != 128))
-    return {false, "the CUDA backend supports head dims 64 and 128 with equal q/k and v head "
-                   "dims; got (" + std::to_string(dim_qk) + ", " + std::to_string(dim_v) + ")"};
+  if (dim_qk != dim_v || (dim_qk != 64 && dim_qk != 128 && dim_qk != 256))
+    return {false, "the CUDA backend supports head dims 64, 128 and 256 with equal q/k and v "
+                   "head dims; got (" + std::to_string(dim_qk) + ", " + std::to_string(dim_v) + ")"};
   return {};
 }
 

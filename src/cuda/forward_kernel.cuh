@@ -32,6 +32,7 @@ struct KeyTileWalk {
   const int32_t* index;  // native: the plan row's run (full, then partial)
   int num_full, sub;     // native: listed full tiles; kernel tiles per plan tile
   int block_k, first;    // range sources: first kernel tile
+  int rows;              // the CTA's query rows (range sources: which tiles are full)
   int count;
 
   __device__ void at(const AttnParams& p, int t, int q0, int nq, int& k0, bool& masked) const {
@@ -42,16 +43,20 @@ struct KeyTileWalk {
     } else {
       k0 = (first + t) * 64;
       const int nk = min(64, p.k_len - k0);
-      masked = source == TileSource::generic || !tile_is_full(p, q0, nq, k0, nk, 128, 64);
+      masked = source == TileSource::generic || !tile_is_full(p, q0, nq, k0, nk, rows, 64);
     }
   }
 };
 
-__device__ __forceinline__ KeyTileWalk make_key_walk(const AttnParams& p, int b, int hq, int q0) {
+// The walk of the CTA whose query rows are [q0, q0 + rows) (rows: 128, or 64 for the head-dim
+// 256 dq pass; never more than the plan's block_q, so the rows lie in one plan row).
+__device__ __forceinline__ KeyTileWalk make_key_walk(const AttnParams& p, int b, int hq, int q0,
+                                                     int rows = 128) {
   KeyTileWalk w{};
   w.source = p.source;
   w.block_k = p.plan.block_k;
-  const int q1 = min(q0 + 128, p.q_len);
+  w.rows = rows;
+  const int q1 = min(q0 + rows, p.q_len);
   if (p.source == TileSource::native) {
     const int hp = plan_head(p.plan, hq, p.heads_q);
     const int64_t row = plan_row(p.plan, b, hp, q0 / p.plan.block_q);

@@ -14,7 +14,7 @@ enum class Elt { bf16, fp16 };
 using Launcher = cudaError_t (*)(const AttnParams&, cudaStream_t);
 
 #define SPATTN_CUDA_VARIANTS(X) \
-  X(bf16, 64) X(bf16, 128) X(fp16, 64) X(fp16, 128)
+  X(bf16, 64) X(bf16, 128) X(bf16, 256) X(fp16, 64) X(fp16, 128) X(fp16, 256)
 
 #define SPATTN_CUDA_DECLARE(elt, d)                                              \
   cudaError_t forward_##elt##_d##d(const AttnParams&, cudaStream_t);             \

@@ -67,5 +67,11 @@ cudaError_t backward_prepare_fp16_d64(const AttnParams& p, cudaStream_t s) {
 cudaError_t backward_prepare_fp16_d128(const AttnParams& p, cudaStream_t s) {
   return launch_backward_prepare<__half, 128>(p, s);
 }
+cudaError_t backward_prepare_bf16_d256(const AttnParams& p, cudaStream_t s) {
+  return launch_backward_prepare<__nv_bfloat16, 256>(p, s);
+}
+cudaError_t backward_prepare_fp16_d256(const AttnParams& p, cudaStream_t s) {
+  return launch_backward_prepare<__half, 256>(p, s);
+}
 
 }  // namespace spattn::cuda

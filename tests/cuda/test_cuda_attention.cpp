@@ -327,6 +327,33 @@ std::vector<Case> all_cases() {
       c.D = 128;
       cs.push_back(c);
     }
+  // Head dim 256 (mma.sync kernels: 64-row dq CTAs, dk/dv in two column halves): lengths,
+  // dense and the default plan, then GQA with Nq != Nk, a window, a 128 x 128 plan, float16 in
+  // B,N,H,D storage.
+  for (int64_t n : {17, 129, 1000})
+    for (const MaskRule& r : {none, causal}) {
+      Case c;
+      c.Nq = c.Nk = n;
+      c.D = 256;
+      c.rule = r;
+      cs.push_back(c);
+      c.density = 0.5;
+      cs.push_back(c);
+    }
+  {
+    Case c;
+    c.D = 256;
+    c.Hq = 8;
+    c.Hkv = 2;
+    c.Nq = 300;
+    c.Nk = 517;
+    c.rule = causal_window;
+    c.density = 0.4;
+    c.block_k = 128;
+    c.dtype = DType::float16;
+    c.bnhd = true;
+    cs.push_back(c);
+  }
   // Drop repeats (the loops above overlap in a few shapes).
   std::vector<Case> unique;
   std::vector<std::string> seen;

@@ -1,0 +1,9 @@
+// One instantiation per file: forward, bf16, head dim 256.
+#include "cuda/forward_kernel.cuh"
+#include "cuda/launch.hpp"
+
+namespace spattn::cuda {
+cudaError_t forward_bf16_d256(const AttnParams& p, cudaStream_t s) {
+  return launch_forward<__nv_bfloat16, 256>(p, s);
+}
+}  // namespace spattn::cuda
