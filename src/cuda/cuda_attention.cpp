@@ -113,6 +113,7 @@ Launcher sm90_forward(DType dtype, int64_t dim) {
   const bool bf16 = dtype == DType::bfloat16;
   if (dim == 128) return bf16 ? sm90::forward_bf16_d128 : sm90::forward_fp16_d128;
   if (dim == 64) return bf16 ? sm90::forward_bf16_d64 : sm90::forward_fp16_d64;
+  if (dim == 256) return bf16 ? sm90::forward_bf16_d256 : sm90::forward_fp16_d256;
   return nullptr;
 }
 

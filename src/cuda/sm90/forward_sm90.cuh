@@ -4,7 +4,8 @@
 // 64-key tiles (plan order: full run, then partial run) are taken two at a time: a step of 128
 // keys gathers tiles 2u and 2u + 1, which need not be adjacent, into one K (and V) stage, so
 // the softmax bookkeeping, the O rescale and the barriers are paid once per 128 keys. An odd
-// last tile is loaded twice and its copy masked. Three warpgroups:
+// last tile is loaded twice and its copy masked. At head dim 256 a step is one tile (O alone
+// holds 128 registers per thread) and the ring two stages. Three warpgroups:
 //   warpgroup 0 (producer): one thread issues TMA copies: Q once, then per step the K and V
 //     rows of its two tiles into a kStages-deep ring; setmaxnreg gives its registers to the
 //     consumers.
@@ -31,16 +32,18 @@ template <int D>
 struct ForwardSm90Traits {
   static constexpr int kBlockQ = 128;  // = plan block_q: one CTA per plan row
   static constexpr int kBlockK = 64;   // = plan block_k: the TMA box of one tile
-  static constexpr int kStepK = 2 * kBlockK;  // keys per step: two tiles
+  // Keys per step: two tiles; one at D = 256, where O alone takes 128 registers per thread.
+  static constexpr int kTilesPerStep = D == 256 ? 1 : 2;
+  static constexpr int kStepK = kTilesPerStep * kBlockK;
   static constexpr int kConsumers = 2;  // warpgroups of 64 query rows (wgmma M = 64)
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kSlab = 64;     // columns per 128-byte swizzle row (16-bit elements)
   static constexpr int kSlabs = D / kSlab;
-  static constexpr int kStages = D == 128 ? 3 : 4;  // of 128 keys
+  static constexpr int kStages = D == 256 ? 2 : D == 128 ? 3 : 4;
   static constexpr int kQSlabBytes = kBlockQ * 128;      // 128 rows x 64 columns
   static constexpr int kQBytes = kSlabs * kQSlabBytes;
-  static constexpr int kKVSlabBytes = kStepK * 128;      // 128 rows x 64 columns
-  static constexpr int kKVBytes = kSlabs * kKVSlabBytes; // one K (or V) stage: 128 keys
+  static constexpr int kKVSlabBytes = kStepK * 128;      // kStepK rows x 64 columns
+  static constexpr int kKVBytes = kSlabs * kKVSlabBytes; // one K (or V) stage: kStepK keys
   static constexpr int kTileSlabBytes = kBlockK * 128;   // one tile's rows in a slab
   static constexpr int kTileBytes = kSlabs * kTileSlabBytes;  // one tile of K (or V)
   static constexpr int kBarriers = 1 + 3 * kStages;      // q_full, k_full[], v_full[], empty[]
@@ -48,7 +51,7 @@ struct ForwardSm90Traits {
   // 128-byte swizzle atom).
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "sm90 forward shared memory over the per-block limit");
-  static_assert(D == 64 || D == 128, "sm90 forward takes head dims 64 and 128");
+  static_assert(D == 64 || D == 128 || D == 256, "sm90 forward takes head dims 64, 128, 256");
   // Register split: the producer warpgroup keeps 24, each consumer gets 240
   // (128 x 24 + 256 x 240 = 64512 of the SM's 65536).
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
@@ -123,22 +126,25 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
 #pragma unroll
       for (int sl = 0; sl < Tr::kSlabs; ++sl)
         tma_load_4d(sQ + sl * Tr::kQSlabBytes, &maps.q, q_full, sl * Tr::kSlab, q0, hq, b);
-      const int steps = (walk.count + 1) / 2;
+      constexpr int kTiles = Tr::kTilesPerStep;
+      const int steps = (walk.count + kTiles - 1) / kTiles;
       for (int u = 0; u < steps; ++u) {
         const int s = u % S;
         if (u >= S) mbar_wait(empty(s), ((u / S) - 1) & 1);  // consumers released step u - S
-        int k0[2];
+        int k0[kTiles];
         bool masked;
-        walk.at(p, 2 * u, q0, nq, k0[0], masked);
+        walk.at(p, kTiles * u, q0, nq, k0[0], masked);
         // An odd last step loads its one tile twice: the second copy keeps the stage finite
         // and the consumers mask its scores to -inf.
-        k0[1] = k0[0];
-        if (2 * u + 1 < walk.count) walk.at(p, 2 * u + 1, q0, nq, k0[1], masked);
+        if constexpr (kTiles == 2) {
+          k0[1] = k0[0];
+          if (2 * u + 1 < walk.count) walk.at(p, 2 * u + 1, q0, nq, k0[1], masked);
+        }
         // Tile h of the step fills rows 64h .. 64h + 63 of every slab of the stage.
         auto load_stage = [&](uint32_t stage, const CUtensorMap* map, uint32_t bar) {
           mbar_arrive_expect_tx(bar, Tr::kKVBytes);
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
+          for (int h = 0; h < kTiles; ++h)
 #pragma unroll
             for (int sl = 0; sl < Tr::kSlabs; ++sl)
               tma_load_4d(stage + sl * Tr::kKVSlabBytes + h * Tr::kTileSlabBytes, map, bar,
@@ -162,7 +168,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   auto desc_q = [&](int kk) {
     return smem_desc(sQ + (kk / 4) * Tr::kQSlabBytes + c * 64 * 128 + (kk % 4) * 32, 16, 1024);
   };
-  // K (B, K-major): the step's 128 keys x 16 columns.
+  // K (B, K-major): the step's kStepK keys x 16 columns.
   auto desc_k = [&](int s, int kk) {
     return smem_desc(sK + s * Tr::kKVBytes + (kk / 4) * Tr::kKVSlabBytes + (kk % 4) * 32, 16,
                      1024);
@@ -173,56 +179,66 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
     return smem_desc(sV + s * Tr::kKVBytes + kk * 16 * 128, Tr::kKVSlabBytes, 1024);
   };
 
-  float o[D / 2];   // O accumulator, 64 x D per warpgroup
-  float sc[64];     // S (then P in float32), 64 x 128 per warpgroup
-  uint32_t pf[32];  // P as A fragments: 8 k-steps x 4 registers
+  constexpr int kTiles = Tr::kTilesPerStep, kStepK = Tr::kStepK;
+  float o[D / 2];             // O accumulator, 64 x D per warpgroup
+  float sc[kStepK / 2];       // S (then P in float32), 64 x kStepK per warpgroup
+  uint32_t pf[kStepK / 4];    // P as A fragments: kStepK / 16 k-steps x 4 registers
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < 64; ++i) sc[i] = 0.f;
+  for (int i = 0; i < kStepK / 2; ++i) sc[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) pf[i] = 0u;
+  for (int i = 0; i < kStepK / 4; ++i) pf[i] = 0u;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
   float row_sum[2] = {0.f, 0.f};              // this thread's partial sums
 
   // A lane-0 shuffle tells the compiler the count is warp-uniform, so the loop counter, ring
   // position and wgmma descriptors derived from it live in uniform registers.
   const int count = __shfl_sync(0xffffffffu, walk.count, 0);  // 64-key tiles
-  const int steps = (count + 1) / 2;
-  // Every step multiplies all 128 keys of its stage, a half step included (its second tile
-  // is a copy of the first, masked below): a branch between wgmma shapes writing the same
-  // accumulators makes the compiler insert waits that serialise the pipeline.
+  const int steps = (count + kTiles - 1) / kTiles;
+  // Every step multiplies all kStepK keys of its stage, a half step included (its second
+  // tile is a copy of the first, masked below): a branch between wgmma shapes writing the
+  // same accumulators makes the compiler insert waits that serialise the pipeline.
   auto issue_s = [&](int s) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      Wgmma<T, 128>::template ss<0>(sc, desc_q(kk), desc_k(s, kk), kk > 0 ? 1 : 0);
+      Wgmma<T, kStepK>::template ss<0>(sc, desc_q(kk), desc_k(s, kk), kk > 0 ? 1 : 0);
     wgmma_commit();
   };
+  // O += P V in products of at most 128 columns (D = 256: two, on O's halves; the flat
+  // accumulator layout is the same as one 256-column product's).
+  constexpr int kPvN = D > 128 ? 128 : D;
   auto issue_pv = [&](int s) {
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) Wgmma<T, D>::template rs<1>(o, pf + 4 * kk, desc_v(s, kk));
+    for (int kk = 0; kk < kStepK / 16; ++kk)
+#pragma unroll
+      for (int n = 0; n < D / kPvN; ++n)
+        Wgmma<T, kPvN>::template rs<1>(o + n * (kPvN / 2), pf + 4 * kk,
+                                       desc_v(s, kk) + ((2 * n * Tr::kKVSlabBytes) >> 4));
     wgmma_commit();
   };
   // Mask (partial tiles only), online softmax of step u in place: sc becomes P (float32).
-  // Accumulator block j (8 columns) belongs to tile 2u + j / 8.
+  // Accumulator block j (8 columns) belongs to tile kTiles * u + j / 8.
   auto softmax = [&](int u, float* alpha) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (2 * u + h >= count) {  // half step: the second tile is a copy of the first
+    for (int h = 0; h < kTiles; ++h) {
+      if (kTiles * u + h >= count) {  // half step: the second tile is a copy of the first
+        if constexpr (kTiles == 2) {
 #pragma unroll
-        for (int i = 32; i < 64; ++i) sc[i] = -INFINITY;
+          for (int i = 32; i < 64; ++i) sc[i] = -INFINITY;
+        }
         continue;
       }
       int k0;
       bool masked;
-      walk.at(p, 2 * u + h, q0, nq, k0, masked);
+      walk.at(p, kTiles * u + h, q0, nq, k0, masked);
       if (masked) mask_block64(p, row0, k0, tq, sc + 32 * h);
     }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kStepK / 8; ++j) {
       mx[0] = fmaxf(mx[0], fmaxf(sc[4 * j], sc[4 * j + 1]));
       mx[1] = fmaxf(mx[1], fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
     }
@@ -239,7 +255,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
       row_sum[r] *= alpha[r];
     }
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < kStepK / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
@@ -251,7 +267,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   // P (accumulator layout) -> A fragments: k-step kk covers accumulator blocks 2kk, 2kk + 1.
   auto pack_p = [&] {
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk)
+    for (int kk = 0; kk < kStepK / 16; ++kk)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         pf[4 * kk + i] = Elem<T>::pack(sc[8 * kk + 2 * i], sc[8 * kk + 2 * i + 1]);

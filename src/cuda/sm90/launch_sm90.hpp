@@ -13,5 +13,7 @@ cudaError_t forward_bf16_d64(const AttnParams&, cudaStream_t);
 cudaError_t forward_bf16_d128(const AttnParams&, cudaStream_t);
 cudaError_t forward_fp16_d64(const AttnParams&, cudaStream_t);
 cudaError_t forward_fp16_d128(const AttnParams&, cudaStream_t);
+cudaError_t forward_bf16_d256(const AttnParams&, cudaStream_t);
+cudaError_t forward_fp16_d256(const AttnParams&, cudaStream_t);
 
 }  // namespace spattn::cuda::sm90

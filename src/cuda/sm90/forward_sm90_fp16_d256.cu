@@ -1,0 +1,9 @@
+// One instantiation per file: sm_90a forward, fp16, head dim 256.
+#include "cuda/sm90/forward_sm90.cuh"
+#include "cuda/sm90/launch_sm90.hpp"
+
+namespace spattn::cuda::sm90 {
+cudaError_t forward_fp16_d256(const AttnParams& p, cudaStream_t s) {
+  return launch_forward_sm90<__half, 256>(p, s);
+}
+}  // namespace spattn::cuda::sm90
