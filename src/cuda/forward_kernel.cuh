@@ -49,7 +49,8 @@ struct KeyTileWalk {
 };
 
 // The walk of the CTA whose query rows are [q0, q0 + rows) (rows: 128, or 64 for the head-dim
-// 256 dq pass; never more than the plan's block_q, so the rows lie in one plan row).
+// 256 dq pass). Native plans have block_q >= 128, so the rows lie in one plan row; generic
+// plans are looked up per warp (generic_plan_row).
 __device__ __forceinline__ KeyTileWalk make_key_walk(const AttnParams& p, int b, int hq, int q0,
                                                      int rows = 128) {
   KeyTileWalk w{};

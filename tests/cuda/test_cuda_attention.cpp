@@ -327,9 +327,9 @@ std::vector<Case> all_cases() {
       c.D = 128;
       cs.push_back(c);
     }
-  // Head dim 256 (mma.sync kernels: 64-row dq CTAs, dk/dv in two column halves): lengths,
-  // dense and the default plan, then GQA with Nq != Nk, a window, a 128 x 128 plan, float16 in
-  // B,N,H,D storage.
+  // Head dim 256 (Hopper forward with 64-key steps; mma.sync backward with 64-row dq CTAs and
+  // dk/dv in two column halves): lengths, dense and the default plan, then GQA with Nq != Nk,
+  // a window, a 128 x 128 plan, float16 in B,N,H,D storage, a generic 32 x 128 plan.
   for (int64_t n : {17, 129, 1000})
     for (const MaskRule& r : {none, causal}) {
       Case c;
@@ -352,6 +352,15 @@ std::vector<Case> all_cases() {
     c.block_k = 128;
     c.dtype = DType::float16;
     c.bnhd = true;
+    cs.push_back(c);
+    // A generic (small-block) plan: the 64-row dq CTA spans several plan rows.
+    c.dtype = DType::bfloat16;
+    c.bnhd = false;
+    c.Hq = c.Hkv = 2;
+    c.block_q = 32;
+    c.block_k = 128;
+    c.rule = none;
+    c.density = 0.35;
     cs.push_back(c);
   }
   // Drop repeats (the loops above overlap in a few shapes).
