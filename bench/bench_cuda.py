@@ -45,15 +45,12 @@ def block_mask_bits(heads, nqb, nkb, density, seed, causal, bq, bk):
     return keep
 
 
-COOLDOWN_S = 1.0
-
-
-def bench(fn, warmup=25, rep=100):
+def bench(fn, cooldown_s, warmup=25, rep=100):
     import triton.testing
     # Idle first, as bench_cuda does: each row starts from the same clocks instead of those the
     # previous row's load left.
     torch.cuda.synchronize()
-    time.sleep(COOLDOWN_S)
+    time.sleep(cooldown_s)
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
@@ -98,8 +95,6 @@ def main():
     ap.add_argument("--replay", help="print the table of an earlier --json-out file, measure nothing")
     args = ap.parse_args()
     N, H, D = args.seq, args.heads, args.dim
-    global COOLDOWN_S
-    COOLDOWN_S = args.cooldown
     densities = [float(x) for x in args.densities.split(",") if x]
     causals = [False, True] if args.causal == "both" else [args.causal == "1"]
     rows = []
@@ -138,7 +133,7 @@ def main():
                "density": -1.0, "note": note}
         try:
             with torch.no_grad():
-                row["fwd_ms"] = bench(fwd)
+                row["fwd_ms"] = bench(fwd, args.cooldown)
         except Exception as e:  # noqa: BLE001 - report and go on
             row["error"] = "fwd: %s" % str(e).splitlines()[0][:80]
             return row
@@ -147,7 +142,7 @@ def main():
             out = fwd()
             torch.autograd.grad(out, (q, k, v), do)
         try:
-            row["fwdbwd_ms"] = bench(fb)
+            row["fwdbwd_ms"] = bench(fb, args.cooldown)
         except Exception as e:  # noqa: BLE001
             row["bwd_error"] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:80])
         return row

@@ -151,11 +151,7 @@ void dkdv_pass(const detail::AttentionProblem& p, const PlanGeometry& geo,
                        false);  // dPᵀ (krows, qcols)
           for (int64_t j = 0; j < krows; ++j) {
             A* srow = s.get() + j * bq;
-            if (partial) {
-              int64_t lo, hi;
-              allowed_queries(p.rule, k0 + j, p.q_len, p.k_len, q0, q0 + qcols, lo, hi);
-              mask_outside(srow, qcols, lo - q0, hi - q0);
-            }
+            if (partial) mask_column(p.rule, k0 + j, p.q_len, p.k_len, q0, qcols, srow);
             kernel::exp2_row_sub(srow, qcols, scale_log2, lse2);  // Pᵀ
             A* dprow = dp.get() + j * bq;
             for (int64_t i = 0; i < qcols; ++i) dprow[i] = srow[i] * (dprow[i] - dl[i]);  // dSᵀ
@@ -287,11 +283,7 @@ void dkdv_pass_bf16(const detail::AttentionProblem& p, const PlanGeometry& geo,
                             bq, false);  // dPᵀ (krows, qcols)
           for (int64_t j = 0; j < krows; ++j) {
             float* srow = s.get() + j * bq;
-            if (partial) {
-              int64_t lo, hi;
-              allowed_queries(p.rule, k0 + j, p.q_len, p.k_len, q0, q0 + qcols, lo, hi);
-              mask_outside(srow, qcols, lo - q0, hi - q0);
-            }
+            if (partial) mask_column(p.rule, k0 + j, p.q_len, p.k_len, q0, qcols, srow);
             kernel::exp2_row_sub(srow, qcols, scale_log2, lse2);  // Pᵀ
             float* dprow = dp.get() + j * bq;
             for (int64_t i = 0; i < qcols; ++i) dprow[i] = srow[i] * (dprow[i] - dl[i]);  // dSᵀ

@@ -121,6 +121,16 @@ inline void mask_row(const MaskRule& rule, int64_t i, int64_t q_len, int64_t k_l
   mask_outside(row, n, lo - k0, hi - k0);
 }
 
+// The transposed row: scores of key j against queries [q0, q0 + n) in `row` (a partial tile
+// of the dk/dv pass).
+template <class A>
+inline void mask_column(const MaskRule& rule, int64_t j, int64_t q_len, int64_t k_len,
+                        int64_t q0, int64_t n, A* row) {
+  int64_t lo, hi;
+  allowed_queries(rule, j, q_len, k_len, q0, q0 + n, lo, hi);
+  mask_outside(row, n, lo - q0, hi - q0);
+}
+
 // Element pointer of row (b, h, n) of a (B, H, N, D) view.
 template <class S>
 inline S* row_ptr(const TensorRef& t, int64_t b, int64_t h, int64_t n) {

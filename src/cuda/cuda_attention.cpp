@@ -270,16 +270,14 @@ void backward(const detail::AttentionProblem& p, const TensorRef& q, const Tenso
                          const_cast<int32_t*>(a.tplan.num_partial), stream),
           where, "plan transpose kernel launch");
   }
-  // The sm_90a passes take dense and native-plan problems with both lengths > 0 (dk/dv: a
-  // transposed plan whose block_q is a multiple of 128, or of 64 with block_k a multiple of
-  // 128); generic plans, empty sequences and other GPUs take the mma.sync passes. Both paths
-  // are deterministic.
+  // The sm_90a passes take dense and native-plan problems with both lengths > 0 (dk/dv: the
+  // plans sm90::dkdv_shape accepts); generic plans, empty sequences and other GPUs take the
+  // mma.sync passes. Both paths are deterministic.
   const BackwardPath path = backward_path();
   const bool hopper_ok = a.source != TileSource::generic && a.q_len > 0 && a.k_len > 0 &&
                          is_sm90(q.device.index);
   const Sm90Backward hopper = hopper_ok ? sm90_backward(p.dtype, p.dim_qk) : Sm90Backward{};
-  const bool dkdv_ok = a.source != TileSource::native || a.tplan.block_q % 128 == 0 ||
-                       (a.tplan.block_q % 64 == 0 && a.tplan.block_k % 128 == 0);
+  const bool dkdv_ok = sm90::dkdv_shape(a) != sm90::DkdvShape::none;
   if (p.q_len > 0 && p.heads_q > 0) {
     check(kern.prepare(a, stream), where, "backward preparation kernel launch");
     launch_pass(where, "dq kernel launch", path, hopper.dq, kern.dq, a, stream);

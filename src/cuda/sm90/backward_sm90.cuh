@@ -31,6 +31,7 @@
 
 #include "cuda/device_common.cuh"
 #include "cuda/forward_kernel.cuh"  // KeyTileWalk, make_key_walk: the forward's tile order and masks
+#include "cuda/sm90/backward_sm90.hpp"  // dkdv_shape
 #include "cuda/sm90/sm90_primitives.cuh"
 #include "cuda/sm90/tensor_map.hpp"
 
@@ -634,15 +635,14 @@ cudaError_t launch_dkdv_shape(const AttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The wide CTA where the plan allows it (dense and rule-only problems, transposed plans with
-// block_k % 128 == 0 and block_q % 64 == 0), else the narrow one (block_q % 128 == 0).
+// The CTA shape dkdv_shape (backward_sm90.hpp) picks.
 template <class T, int D>
 cudaError_t launch_dkdv_sm90(const AttnParams& p, cudaStream_t stream) {
-  if (p.source == TileSource::generic || p.k_len <= 0 || p.q_len <= 0) return cudaErrorNotSupported;
-  const bool native = p.source == TileSource::native;
-  if (!native || (p.tplan.block_k % 128 == 0 && p.tplan.block_q % 64 == 0))
-    return launch_dkdv_shape<T, D, true>(p, stream);
-  if (p.tplan.block_q % 128 == 0) return launch_dkdv_shape<T, D, false>(p, stream);
+  switch (dkdv_shape(p)) {
+    case DkdvShape::wide: return launch_dkdv_shape<T, D, true>(p, stream);
+    case DkdvShape::narrow: return launch_dkdv_shape<T, D, false>(p, stream);
+    case DkdvShape::none: break;
+  }
   return cudaErrorNotSupported;
 }
 

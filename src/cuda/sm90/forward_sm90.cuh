@@ -207,7 +207,8 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
     wgmma_commit();
   };
   // O += P V in products of at most 128 columns (D = 256: two, on O's halves; the flat
-  // accumulator layout is the same as one 256-column product's).
+  // accumulator layout is the same as one 256-column product's). Half n of V starts 2n slabs
+  // further on; the descriptor holds its start address in 16-byte units in its low bits.
   constexpr int kPvN = D > 128 ? 128 : D;
   auto issue_pv = [&](int s) {
     wgmma_fence();
