@@ -66,8 +66,8 @@ int main(int argc, char** argv) {
     else if (a == "--block-k") block_k = std::stoi(v);
     else if (a == "--seed") seed = std::stoull(v);
     else if (a == "--causal") causal_arg = v;
-    else if (a == "--dense") with_dense = v != "0";
-    else if (a == "--cooldown") cooldown_s = std::stod(v);
+    else if (a == "--dense" && (v == "0" || v == "1")) with_dense = v == "1";
+    else if (a == "--cooldown" && std::stod(v) >= 0) cooldown_s = std::stod(v);
     else if (a == "--densities") {
       densities.clear();
       size_t pos = 0;
@@ -77,7 +77,10 @@ int main(int argc, char** argv) {
         pos = end == std::string::npos ? v.size() : end + 1;
       }
     } else {
-      std::fprintf(stderr, "bench_cuda: unknown argument %s\n", a.c_str());
+      std::fprintf(stderr,
+                   "bench_cuda: unknown argument or bad value: %s %s (--dense takes 0 or 1, "
+                   "--cooldown seconds >= 0)\n",
+                   a.c_str(), v.c_str());
       return 2;
     }
   }

@@ -94,6 +94,8 @@ def main():
     ap.add_argument("--json-out", help="write all rows here as JSON")
     ap.add_argument("--replay", help="print the table of an earlier --json-out file, measure nothing")
     args = ap.parse_args()
+    if args.cooldown < 0:
+        ap.error("--cooldown must be >= 0 seconds; got %g" % args.cooldown)
     N, H, D = args.seq, args.heads, args.dim
     densities = [float(x) for x in args.densities.split(",") if x]
     causals = [False, True] if args.causal == "both" else [args.causal == "1"]
