@@ -53,27 +53,47 @@ __device__ __forceinline__ void two_products_nt(float (&x)[8][4], float (&y)[8][
   }
 }
 
+// One group of D / 8 lanes per query row, each lane one 16-byte vector of out and of dout, so
+// every load is a full vector and a warp keeps 1-4 rows in flight.
+template <int D>
+struct PrepareTraits {
+  static constexpr int kLanesPerRow = D / 8;
+  static constexpr int kRowsPerWarp = 32 / kLanesPerRow;
+  static constexpr int kThreads = 256;
+  static constexpr int kRowsPerBlock = kThreads / 32 * kRowsPerWarp;
+  static_assert(kLanesPerRow <= 32 && 32 % kLanesPerRow == 0, "prepare: D / 8 must divide 32");
+};
+
 template <class T, int D>
 __global__ void backward_prepare_kernel(const __grid_constant__ AttnParams p) {
+  using Tr = PrepareTraits<D>;
   const int64_t rows = int64_t(p.batch) * p.heads_q * p.q_len;
-  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (r >= rows) return;
-  const int i = int(r % p.q_len);
-  const int hq = int((r / p.q_len) % p.heads_q);
-  const int b = int(r / (int64_t(p.q_len) * p.heads_q));
-  const T* o = row_ptr<T>(p.out, p.o_stride, b, hq) + int64_t(i) * p.o_stride[2];
-  const T* d = row_ptr<T>(p.dout, p.do_stride, b, hq) + int64_t(i) * p.do_stride[2];
+  const int64_t r = int64_t(blockIdx.x) * Tr::kRowsPerBlock +
+                    (threadIdx.x >> 5) * Tr::kRowsPerWarp + lane / Tr::kLanesPerRow;
+  const int c = (lane % Tr::kLanesPerRow) * 8;  // this lane's 8 columns
   float sum = 0.f;
+  const bool live = r < rows;
+  int i = 0, hq = 0, b = 0;
+  if (live) {
+    i = int(r % p.q_len);
+    hq = int((r / p.q_len) % p.heads_q);
+    b = int(r / (int64_t(p.q_len) * p.heads_q));
+    const uint4 o = *reinterpret_cast<const uint4*>(row_ptr<T>(p.out, p.o_stride, b, hq) +
+                                                    int64_t(i) * p.o_stride[2] + c);
+    const uint4 d = *reinterpret_cast<const uint4*>(row_ptr<T>(p.dout, p.do_stride, b, hq) +
+                                                    int64_t(i) * p.do_stride[2] + c);
+    const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, dw[4] = {d.x, d.y, d.z, d.w};
 #pragma unroll
-  for (int c = lane * 2; c < D; c += 64) {
-    const float2 a = Elem<T>::unpack(*reinterpret_cast<const uint32_t*>(o + c));
-    const float2 e = Elem<T>::unpack(*reinterpret_cast<const uint32_t*>(d + c));
-    sum += a.x * e.x + a.y * e.y;
+    for (int k = 0; k < 4; ++k) {
+      const float2 a = Elem<T>::unpack(ow[k]), e = Elem<T>::unpack(dw[k]);
+      sum += a.x * e.x + a.y * e.y;
+    }
   }
+  // Reduce over the row's lanes (aligned groups of kLanesPerRow; every lane takes part).
 #pragma unroll
-  for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
-  if (lane == 0) {
+  for (int m = Tr::kLanesPerRow / 2; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+  if (live && c == 0) {
     const float lse = p.lse[int64_t(b) * p.lse_stride[0] + int64_t(hq) * p.lse_stride[1] +
                             int64_t(i) * p.lse_stride[2]];
     p.delta[r] = sum;
@@ -446,9 +466,9 @@ template <class T, int D>
 cudaError_t launch_backward_prepare(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = int64_t(p.batch) * p.heads_q * p.q_len;
   if (rows == 0) return cudaSuccess;
-  constexpr int kRowsPerBlock = 8;
+  using Tr = PrepareTraits<D>;
   backward_prepare_kernel<T, D>
-      <<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(p);
+      <<<unsigned((rows + Tr::kRowsPerBlock - 1) / Tr::kRowsPerBlock), Tr::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

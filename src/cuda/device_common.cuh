@@ -77,6 +77,33 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// Online-softmax max update for a thread's two rows, lazy: the running maxima (log2 units) move
+// only when some row of the warp sees a scaled score more than kMaxSlack above its max. Then
+// 2^(score - max) stays <= 2^kMaxSlack (exact in float32, and in 16-bit P, whose precision is
+// relative) and most steps skip rescaling O; the result is unchanged, since row_sum and O are
+// taken against the same max. mx: the step's scaled row maxima, already reduced over the row's
+// lanes. Sets base, what to subtract before exp2 (the max, or 0 for a row with nothing allowed
+// yet, so exp2 gives 0, not NaN). Returns whether the maxima moved (warp-uniform); then row_sum
+// has been scaled by alpha and the caller must scale O by it too.
+constexpr float kMaxSlack = 8.f;
+__device__ __forceinline__ bool update_row_max(const float (&mx)[2], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&alpha)[2],
+                                               float (&base)[2]) {
+  const bool grow = mx[0] > row_max[0] + kMaxSlack || mx[1] > row_max[1] + kMaxSlack;
+  const bool moved = __any_sync(0xffffffffu, grow);  // false while a row's max and mx are -inf
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (moved) {
+      const float new_max = fmaxf(row_max[r], mx[r]);
+      alpha[r] = exp2_approx(row_max[r] - (new_max == -INFINITY ? 0.f : new_max));
+      row_max[r] = new_max;
+      row_sum[r] *= alpha[r];
+    }
+    base[r] = row_max[r] == -INFINITY ? 0.f : row_max[r];
+  }
+  return moved;
+}
+
 // ---- cp.async ------------------------------------------------------------------------------------
 // 16-byte global -> shared copy; `valid == false` zero-fills (rows past the sequence end), so
 // tails never feed garbage (possibly NaN) into the products.

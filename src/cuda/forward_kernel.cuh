@@ -203,24 +203,21 @@ __global__ void __launch_bounds__(ForwardTraits<D>::kThreads, 1)
       tile_max[0] = fmaxf(tile_max[0], fmaxf(s[n][0], s[n][1]));
       tile_max[1] = fmaxf(tile_max[1], fmaxf(s[n][2], s[n][3]));
     }
-    float alpha[2], base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r] * p.scale_log2);
-      // A row with nothing allowed so far keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
-      base[r] = new_max == -INFINITY ? 0.f : new_max;
-      alpha[r] = exp2_approx(row_max[r] - base[r]);
-      row_max[r] = new_max;
-      row_sum[r] *= alpha[r];
+      tile_max[r] *= p.scale_log2;
     }
+    float alpha[2], base[2];
+    if (update_row_max(tile_max, row_max, row_sum, alpha, base)) {
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      acc_o[i][0] *= alpha[0];
-      acc_o[i][1] *= alpha[0];
-      acc_o[i][2] *= alpha[1];
-      acc_o[i][3] *= alpha[1];
+      for (int i = 0; i < D / 8; ++i) {
+        acc_o[i][0] *= alpha[0];
+        acc_o[i][1] *= alpha[0];
+        acc_o[i][2] *= alpha[1];
+        acc_o[i][3] *= alpha[1];
+      }
     }
     uint32_t p_frag[4][4];  // P as A fragments, one per 16-key step
 #pragma unroll

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/launch.hpp"  // transpose_plan, tested directly
 #include "cuda_test_util.hpp"
 #include "spattn/attention.hpp"
 #include "spattn/error.hpp"
@@ -537,6 +538,82 @@ TEST(CudaAttentionStreams, RunsOnACallerStream) {
   dlse.to_host(lse);
   const ForwardResult ref = reference::forward(q, q, q, nullptr, AttentionParams{});
   EXPECT_LE(reference::relative_error(out, ref.out), 2e-2);
+}
+
+
+// The device plan transpose against a host transpose, on plans with empty rows, full and
+// partial runs, and query-block counts around the kernel's 32- and 128-block chunks.
+TEST(CudaPlanTranspose, MatchesHostTranspose) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(7);
+  for (const int nqb : {1, 31, 32, 33, 128, 129, 300}) {
+    for (const int nkb : {1, 5, 70}) {
+      SCOPED_TRACE("query blocks " + std::to_string(nqb) + ", kv blocks " + std::to_string(nkb));
+      const int batch = 2, heads = 3;
+      const int64_t rows = int64_t(batch) * heads * nqb, cap = nkb + 1;  // a spare column
+      std::vector<int32_t> index(rows * cap, -7), nf(rows), np(rows);
+      std::uniform_real_distribution<double> u01(0.0, 1.0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const double density = r % 5 == 0 ? 0.0 : u01(rng);  // every fifth row empty
+        std::vector<int32_t> full, partial;
+        for (int kb = 0; kb < nkb; ++kb)
+          if (u01(rng) < density) (u01(rng) < 0.7 ? full : partial).push_back(kb);
+        nf[r] = int32_t(full.size());
+        np[r] = int32_t(partial.size());
+        std::copy(full.begin(), full.end(), index.begin() + r * cap);
+        std::copy(partial.begin(), partial.end(), index.begin() + r * cap + nf[r]);
+      }
+      // Host transpose: per (batch, head, kv block), the query blocks listing it, full first.
+      const int64_t trows = int64_t(batch) * heads * nkb;
+      std::vector<std::vector<int32_t>> want_full(trows), want_partial(trows);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t head_row = r / nqb;
+        const int qb = int(r % nqb);
+        for (int e = 0; e < nf[r] + np[r]; ++e) {
+          const int64_t t = head_row * nkb + index[r * cap + e];
+          (e < nf[r] ? want_full : want_partial)[t].push_back(qb);
+        }
+      }
+      auto upload = [](const std::vector<int32_t>& v) {
+        int32_t* d = nullptr;
+        EXPECT_EQ(cudaMalloc(&d, v.size() * sizeof(int32_t)), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(d, v.data(), v.size() * sizeof(int32_t), cudaMemcpyHostToDevice),
+                  cudaSuccess);
+        return std::unique_ptr<int32_t, decltype(&cudaFree)>(d, &cudaFree);
+      };
+      auto d_index = upload(index), d_nf = upload(nf), d_np = upload(np);
+      // Outputs poisoned so unwritten counts show.
+      auto t_index = upload(std::vector<int32_t>(trows * nqb, -1));
+      auto t_nf = upload(std::vector<int32_t>(trows, -1));
+      auto t_np = upload(std::vector<int32_t>(trows, -1));
+      cuda::PlanArgs plan;
+      plan.index = d_index.get();
+      plan.num_full = d_nf.get();
+      plan.num_partial = d_np.get();
+      plan.capacity = cap;
+      plan.batch = batch;
+      plan.heads = heads;
+      plan.rows = nqb;
+      CUDA_OK(cuda::transpose_plan(plan, nkb, t_index.get(), t_nf.get(), t_np.get(), nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+      std::vector<int32_t> got_index(trows * nqb), got_nf(trows), got_np(trows);
+      auto download = [](std::vector<int32_t>& v, const int32_t* d) {
+        return cudaMemcpy(v.data(), d, v.size() * sizeof(int32_t), cudaMemcpyDeviceToHost);
+      };
+      CUDA_OK(download(got_index, t_index.get()));
+      CUDA_OK(download(got_nf, t_nf.get()));
+      CUDA_OK(download(got_np, t_np.get()));
+      for (int64_t t = 0; t < trows; ++t) {
+        ASSERT_EQ(got_nf[t], int32_t(want_full[t].size())) << "transposed row " << t;
+        ASSERT_EQ(got_np[t], int32_t(want_partial[t].size())) << "transposed row " << t;
+        std::vector<int32_t> want = want_full[t];
+        want.insert(want.end(), want_partial[t].begin(), want_partial[t].end());
+        const std::vector<int32_t> got(got_index.begin() + t * nqb,
+                                       got_index.begin() + t * nqb + int64_t(want.size()));
+        ASSERT_EQ(got, want) << "transposed row " << t;
+      }
+    }
+  }
 }
 
 }  // namespace

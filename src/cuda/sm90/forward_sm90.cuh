@@ -3,9 +3,9 @@
 // One CTA per (128 query rows, query head, batch) = one row of a 128 x 64 plan. The row's
 // 64-key tiles (plan order: full run, then partial run) are taken two at a time: a step of 128
 // keys gathers tiles 2u and 2u + 1, which need not be adjacent, into one K (and V) stage, so
-// the softmax bookkeeping, the O rescale and the barriers are paid once per 128 keys. An odd
-// last tile is loaded twice and its copy masked. At head dim 256 a step is one tile (O alone
-// holds 128 registers per thread) and the ring two stages. Three warpgroups:
+// the softmax bookkeeping and the barriers are paid once per 128 keys. An odd last tile is a
+// half step with 64-key products. At head dim 256 a step is one tile (O alone holds 128
+// registers per thread) and the ring two stages. Three warpgroups:
 //   warpgroup 0 (producer): one thread issues TMA copies: Q once, then per step the K and V
 //     rows of its two tiles into a kStages-deep ring; setmaxnreg gives its registers to the
 //     consumers.
@@ -77,6 +77,11 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
   return v;
 }
 
+// The keys of a forward step whose score registers are the array X (sc, or sh for a half
+// step): one wgmma accumulator holds two columns per thread.
+template <class X>
+constexpr int kStepKeys = 2 * int(std::extent_v<std::remove_reference_t<X>>);
+
 // kPingPong: the two consumers take turns on the tensor cores (FlashAttention-3's warpgroup
 // ping-pong): a consumer issues its products only after the other has issued its own, so one
 // warpgroup's softmax runs while the other's products execute.
@@ -131,24 +136,24 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
       for (int u = 0; u < steps; ++u) {
         const int s = u % S;
         if (u >= S) mbar_wait(empty(s), ((u / S) - 1) & 1);  // consumers released step u - S
+        // An odd last step (half step) holds one tile; its other rows are never read.
+        const int tiles = min(kTiles, walk.count - kTiles * u);
         int k0[kTiles];
         bool masked;
-        walk.at(p, kTiles * u, q0, nq, k0[0], masked);
-        // An odd last step loads its one tile twice: the second copy keeps the stage finite
-        // and the consumers mask its scores to -inf.
-        if constexpr (kTiles == 2) {
-          k0[1] = k0[0];
-          if (2 * u + 1 < walk.count) walk.at(p, 2 * u + 1, q0, nq, k0[1], masked);
-        }
+#pragma unroll
+        for (int h = 0; h < kTiles; ++h)
+          if (h < tiles) walk.at(p, kTiles * u + h, q0, nq, k0[h], masked);
         // Tile h of the step fills rows 64h .. 64h + 63 of every slab of the stage.
         auto load_stage = [&](uint32_t stage, const CUtensorMap* map, uint32_t bar) {
-          mbar_arrive_expect_tx(bar, Tr::kKVBytes);
+          mbar_arrive_expect_tx(bar, tiles * Tr::kTileBytes);
 #pragma unroll
           for (int h = 0; h < kTiles; ++h)
+            if (h < tiles) {
 #pragma unroll
-            for (int sl = 0; sl < Tr::kSlabs; ++sl)
-              tma_load_4d(stage + sl * Tr::kKVSlabBytes + h * Tr::kTileSlabBytes, map, bar,
-                          sl * Tr::kSlab, k0[h], hk, b);
+              for (int sl = 0; sl < Tr::kSlabs; ++sl)
+                tma_load_4d(stage + sl * Tr::kKVSlabBytes + h * Tr::kTileSlabBytes, map, bar,
+                            sl * Tr::kSlab, k0[h], hk, b);
+            }
         };
         load_stage(sK + s * Tr::kKVBytes, &maps.k, k_full(s));
         load_stage(sV + s * Tr::kKVBytes, &maps.v, v_full(s));
@@ -179,9 +184,10 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
     return smem_desc(sV + s * Tr::kKVBytes + kk * 16 * 128, Tr::kKVSlabBytes, 1024);
   };
 
-  constexpr int kTiles = Tr::kTilesPerStep, kStepK = Tr::kStepK;
+  constexpr int kTiles = Tr::kTilesPerStep, kStepK = Tr::kStepK, kBlockKHalf = Tr::kBlockK;
   float o[D / 2];             // O accumulator, 64 x D per warpgroup
   float sc[kStepK / 2];       // S (then P in float32), 64 x kStepK per warpgroup
+  float sh[kBlockKHalf / 2];  // the same for a half step (64 keys)
   uint32_t pf[kStepK / 4];    // P as A fragments: kStepK / 16 k-steps x 4 registers
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -196,24 +202,31 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   // position and wgmma descriptors derived from it live in uniform registers.
   const int count = __shfl_sync(0xffffffffu, walk.count, 0);  // 64-key tiles
   const int steps = (count + kTiles - 1) / kTiles;
-  // Every step multiplies all kStepK keys of its stage, a half step included (its second
-  // tile is a copy of the first, masked below): a branch between wgmma shapes writing the
-  // same accumulators makes the compiler insert waits that serialise the pipeline.
-  auto issue_s = [&](int s) {
+  // An odd count (kTiles == 2) ends in a half step: its products cover 64 keys, and its scores
+  // go to their own registers (sh), since wgmma shapes that differ writing the same
+  // accumulators make the compiler insert waits that serialise the pipeline.
+  const bool half_last = kTiles == 2 && (count & 1);
+  const int full_steps = half_last ? steps - 1 : steps;
+  // P V widths in tiles, as types so the product count is compile-time.
+  using FullStep = std::integral_constant<int, kTiles>;
+  using HalfStep = std::integral_constant<int, 1>;
+  auto issue_s = [&](auto& x, int s) {
+    constexpr int kN = kStepKeys<decltype(x)>;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      Wgmma<T, kStepK>::template ss<0>(sc, desc_q(kk), desc_k(s, kk), kk > 0 ? 1 : 0);
+      Wgmma<T, kN>::template ss<0>(x, desc_q(kk), desc_k(s, kk), kk > 0 ? 1 : 0);
     wgmma_commit();
   };
   // O += P V in products of at most 128 columns (D = 256: two, on O's halves; the flat
   // accumulator layout is the same as one 256-column product's). Half n of V starts 2n slabs
   // further on; the descriptor holds its start address in 16-byte units in its low bits.
   constexpr int kPvN = D > 128 ? 128 : D;
-  auto issue_pv = [&](int s) {
+  auto issue_pv = [&](int s, auto tiles) {
+    constexpr int kN = decltype(tiles)::value * Tr::kBlockK;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kStepK / 16; ++kk)
+    for (int kk = 0; kk < kN / 16; ++kk)
 #pragma unroll
       for (int n = 0; n < D / kPvN; ++n)
         Wgmma<T, kPvN>::template rs<1>(o + n * (kPvN / 2), pf + 4 * kk,
@@ -222,56 +235,50 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
   };
   // Mask (partial tiles only), online softmax of step u in place: sc becomes P (float32).
   // Accumulator block j (8 columns) belongs to tile kTiles * u + j / 8.
-  auto softmax = [&](int u, float* alpha) {
+  // The running max moves lazily (update_row_max): most steps skip the O rescale. Returns
+  // whether O must be rescaled by alpha (warp-uniform).
+  auto softmax = [&](auto& x, int u, float (&alpha)[2]) -> bool {
+    constexpr int kN = kStepKeys<decltype(x)>;
 #pragma unroll
-    for (int h = 0; h < kTiles; ++h) {
-      if (kTiles * u + h >= count) {  // half step: the second tile is a copy of the first
-        if constexpr (kTiles == 2) {
-#pragma unroll
-          for (int i = 32; i < 64; ++i) sc[i] = -INFINITY;
-        }
-        continue;
-      }
+    for (int h = 0; h < kN / Tr::kBlockK; ++h) {
       int k0;
       bool masked;
       walk.at(p, kTiles * u + h, q0, nq, k0, masked);
-      if (masked) mask_block64(p, row0, k0, tq, sc + 32 * h);
+      if (masked) mask_block64(p, row0, k0, tq, x + 32 * h);
     }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < kStepK / 8; ++j) {
-      mx[0] = fmaxf(mx[0], fmaxf(sc[4 * j], sc[4 * j + 1]));
-      mx[1] = fmaxf(mx[1], fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+    for (int j = 0; j < kN / 8; ++j) {
+      mx[0] = fmaxf(mx[0], fmaxf(x[4 * j], x[4 * j + 1]));
+      mx[1] = fmaxf(mx[1], fmaxf(x[4 * j + 2], x[4 * j + 3]));
     }
-    float base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float new_max = fmaxf(row_max[r], mx[r] * p.scale_log2);
-      // A row with nothing allowed so far keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
-      base[r] = new_max == -INFINITY ? 0.f : new_max;
-      alpha[r] = exp2_approx(row_max[r] - base[r]);
-      row_max[r] = new_max;
-      row_sum[r] *= alpha[r];
+      mx[r] *= p.scale_log2;
     }
+    float base[2];
+    const bool moved = update_row_max(mx, row_max, row_sum, alpha, base);
 #pragma unroll
-    for (int j = 0; j < kStepK / 8; ++j)
+    for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const float pv = exp2_approx(fmaf(sc[4 * j + e], p.scale_log2, -base[r]));
-        sc[4 * j + e] = pv;
+        const float pv = exp2_approx(fmaf(x[4 * j + e], p.scale_log2, -base[r]));
+        x[4 * j + e] = pv;
         row_sum[r] += pv;
       }
+    return moved;
   };
   // P (accumulator layout) -> A fragments: k-step kk covers accumulator blocks 2kk, 2kk + 1.
-  auto pack_p = [&] {
+  auto pack_p = [&](auto& x) {
+    constexpr int kN = kStepKeys<decltype(x)>;
 #pragma unroll
-    for (int kk = 0; kk < kStepK / 16; ++kk)
+    for (int kk = 0; kk < kN / 16; ++kk)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        pf[4 * kk + i] = Elem<T>::pack(sc[8 * kk + 2 * i], sc[8 * kk + 2 * i + 1]);
+        pf[4 * kk + i] = Elem<T>::pack(x[8 * kk + 2 * i], x[8 * kk + 2 * i + 1]);
   };
   auto rescale_o = [&](const float* alpha) {
 #pragma unroll
@@ -299,39 +306,60 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
     if (c == 1 && steps > 0) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
   }
 
-  mbar_wait(q_full, 0);
-  if (steps > 0) {
-    float alpha[2];
+  // Step 0 (x: its score registers): S_0 = Q K_0, its softmax, P_0 packed.
+  float alpha[2];
+  auto first_step = [&](auto& x) {
     mbar_wait(k_full(0), 0);
     turn_begin();
-    issue_s(0);
+    issue_s(x, 0);
     turn_end();
     wgmma_wait<0>();
-    fence_regs(sc);
-    softmax(0, alpha);
-    pack_p();
-    for (int u = 1; u < steps; ++u) {
-      const int s = u % S, ps = (u - 1) % S;
-      mbar_wait(k_full(s), (u / S) & 1);
-      mbar_wait(v_full(ps), ((u - 1) / S) & 1);
-      turn_begin();
-      issue_s(s);    // S_u = Q K_u
-      issue_pv(ps);  // O += P_{u-1} V_{u-1}
-      turn_end();
-      wgmma_wait<1>();  // S_u is done; P V may still run
-      fence_regs(sc);
-      softmax(u, alpha);
-      wgmma_wait<0>();
-      fence_regs(o);
-      fence_regs(pf);
-      release(ps);
-      rescale_o(alpha);
-      pack_p();
+    fence_regs(x);
+    softmax(x, 0, alpha);
+    pack_p(x);
+  };
+  // Step u > 0: S_u = Q K_u issued with O += P_{u-1} V_{u-1} (a full step's), the softmax of u
+  // while P V runs, then O rescaled if the max moved and P_u packed.
+  auto next_step = [&](auto& x, int u) {
+    const int s = u % S, ps = (u - 1) % S;
+    mbar_wait(k_full(s), (u / S) & 1);
+    mbar_wait(v_full(ps), ((u - 1) / S) & 1);
+    turn_begin();
+    issue_s(x, s);
+    issue_pv(ps, FullStep{});
+    turn_end();
+    wgmma_wait<1>();  // S_u is done; P V may still run
+    fence_regs(x);
+    const bool moved = softmax(x, u, alpha);
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(pf);
+    release(ps);
+    if (moved) rescale_o(alpha);
+    pack_p(x);
+  };
+
+  mbar_wait(q_full, 0);
+  if (full_steps > 0) {
+    first_step(sc);
+    for (int u = 1; u < full_steps; ++u) next_step(sc, u);
+  }
+  if constexpr (kTiles == 2) {
+    if (half_last) {
+      if (full_steps == 0)
+        first_step(sh);
+      else
+        next_step(sh, full_steps);
     }
+  }
+  if (steps > 0) {
     const int ls = (steps - 1) % S;
     mbar_wait(v_full(ls), ((steps - 1) / S) & 1);
     turn_begin();
-    issue_pv(ls);
+    if (half_last)
+      issue_pv(ls, HalfStep{});
+    else
+      issue_pv(ls, FullStep{});
     turn_end();
     wgmma_wait<0>();
     fence_regs(o);
