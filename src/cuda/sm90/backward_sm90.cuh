@@ -327,40 +327,66 @@ struct DkdvSm90Traits {
 
 // The (query head h of the GQA group, query step t) pairs one key CTA visits, in a fixed order:
 // heads ascending, then the transposed plan row (full run, then partial run) or the rule's
-// query range, in steps of kStepQ rows.
+// query range, in steps of kStepQ rows. A cursor: begin() settles on the first pair, next() on
+// the following one (both false when done), at() reads the current pair. What depends only on
+// the head (the transposed plan row, its counts; integer divisions) is looked up when the head
+// changes, so a step costs one index load and no division.
 template <int kStepQ>
 struct QueryStepWalk {
   TileSource source;
   int b, hk, k0, nk, bk;    // bk: the CTA's keys (masks of rule-only steps)
   int first, range_count;  // dense: the same steps for every head
+  int h, t;                // the current pair
+  int count;               // steps of head h
+  int pi, rem;             // native: t = pi * sub + rem, pi the plan entry of the step
+  int sub, num_full;       // native: steps per plan entry; full entries of head h's row
+  const int32_t* run;      // native: head h's transposed plan row
 
-  __device__ int count(const AttnParams& p, int h) const {
-    if (source != TileSource::native) return range_count;
-    const int hq = hk * p.group + h;
-    const int64_t row = plan_row(p.tplan, b, plan_head(p.tplan, hq, p.heads_q), k0 / p.tplan.block_k);
-    return (p.tplan.num_full[row] + p.tplan.num_partial[row]) * (p.tplan.block_q / kStepQ);
+  __device__ bool begin(const AttnParams& p) {
+    h = 0;
+    t = pi = rem = 0;
+    if (source == TileSource::native) sub = p.tplan.block_q / kStepQ;
+    enter_head(p);
+    return settle(p);
   }
-  // Moves (h, t) to the next existing pair; false when done.
-  __device__ bool settle(const AttnParams& p, int& h, int& t) const {
-    while (h < p.group && t >= count(p, h)) {
-      ++h;
-      t = 0;
+  __device__ bool next(const AttnParams& p) {
+    ++t;
+    if (source == TileSource::native && ++rem == sub) {
+      rem = 0;
+      ++pi;
     }
-    return h < p.group;
+    return settle(p);
   }
-  __device__ void at(const AttnParams& p, int h, int t, int& q0, bool& masked) const {
+  __device__ void at(const AttnParams& p, int& q0, bool& masked) const {
     if (source == TileSource::native) {
-      const int hq = hk * p.group + h;
-      const int64_t row =
-          plan_row(p.tplan, b, plan_head(p.tplan, hq, p.heads_q), k0 / p.tplan.block_k);
-      const int sub = p.tplan.block_q / kStepQ;
-      const int pi = t / sub;
-      q0 = p.tplan.index[row * p.tplan.capacity + pi] * p.tplan.block_q + (t - pi * sub) * kStepQ;
-      masked = pi >= p.tplan.num_full[row];
+      q0 = run[pi] * p.tplan.block_q + rem * kStepQ;
+      masked = pi >= num_full;
     } else {
       q0 = (first + t) * kStepQ;
       masked = !tile_is_full(p, q0, min(kStepQ, p.q_len - q0), k0, nk, kStepQ, bk);
     }
+  }
+
+ private:
+  __device__ void enter_head(const AttnParams& p) {
+    if (source != TileSource::native) {
+      count = range_count;
+      return;
+    }
+    const int hq = hk * p.group + h;
+    const int64_t row = plan_row(p.tplan, b, plan_head(p.tplan, hq, p.heads_q), k0 / p.tplan.block_k);
+    run = p.tplan.index + row * p.tplan.capacity;
+    num_full = p.tplan.num_full[row];
+    count = (num_full + p.tplan.num_partial[row]) * sub;
+  }
+  // Moves past heads with no steps left; false when done.
+  __device__ bool settle(const AttnParams& p) {
+    while (t >= count) {
+      if (++h >= p.group) return false;
+      t = pi = rem = 0;
+      enter_head(p);
+    }
+    return true;
   }
 };
 
@@ -427,14 +453,14 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D, kWide>::kThreads, 1)
       }
     }
     if (tma || stats) {
-      int h = 0, t = 0, n = 0;
-      for (bool have = walk.settle(p, h, t); have; ++n, ++t, have = walk.settle(p, h, t)) {
+      int n = 0;
+      for (bool have = walk.begin(p); have; ++n, have = walk.next(p)) {
         const int s = n % S;
         if (n >= S) mbar_wait(empty(s), ((n / S) - 1) & 1);
         int q0;
         bool masked;
-        walk.at(p, h, t, q0, masked);
-        const int hq = hk * p.group + h;
+        walk.at(p, q0, masked);
+        const int hq = hk * p.group + walk.h;
         if (tma) {
           const uint32_t sQ = sRing + s * Tr::kStageBytes;
           mbar_arrive_expect_tx(full(s), Tr::kStageBytes);
@@ -475,12 +501,12 @@ __global__ void __launch_bounds__(DkdvSm90Traits<D, kWide>::kThreads, 1)
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
 
     mbar_wait(kv_full, 0);
-    int h = 0, t = 0, n = 0;
-    for (bool have = walk.settle(p, h, t); have; ++n, ++t, have = walk.settle(p, h, t)) {
+    int n = 0;
+    for (bool have = walk.begin(p); have; ++n, have = walk.next(p)) {
       const int s = n % S;
       int q0;
       bool masked;
-      walk.at(p, h, t, q0, masked);
+      walk.at(p, q0, masked);
       const uint32_t sQc = sRing + s * Tr::kStageBytes + query_off * 128;
       const uint32_t sDOc = sQc + Tr::kQBytes;
       const uint32_t st = sStats + s * Tr::kStatBytes + query_off * 4;
