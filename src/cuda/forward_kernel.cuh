@@ -31,13 +31,14 @@ struct KeyTileWalk {
   TileSource source;
   const int32_t* index;  // native: the plan row's run (full, then partial)
   int num_full, sub;     // native: listed full tiles; kernel tiles per plan tile
+  int sub_shift;         // native: log2(sub) when sub is a power of two (no division per tile), else -1
   int block_k, first;    // range sources: first kernel tile
   int rows;              // the CTA's query rows (range sources: which tiles are full)
   int count;
 
   __device__ void at(const AttnParams& p, int t, int q0, int nq, int& k0, bool& masked) const {
     if (source == TileSource::native) {
-      const int pi = t / sub;
+      const int pi = sub_shift >= 0 ? t >> sub_shift : t / sub;
       k0 = index[pi] * block_k + (t - pi * sub) * 64;
       masked = pi >= num_full;
     } else {
@@ -64,6 +65,7 @@ __device__ __forceinline__ KeyTileWalk make_key_walk(const AttnParams& p, int b,
     w.index = p.plan.index + row * p.plan.capacity;
     w.num_full = p.plan.num_full[row];
     w.sub = p.plan.block_k / 64;
+    w.sub_shift = (w.sub & (w.sub - 1)) == 0 ? __ffs(w.sub) - 1 : -1;
     w.count = (w.num_full + p.plan.num_partial[row]) * w.sub;
   } else {
     const int2 r = key_tile_range(p, q0, q1, 64);
