@@ -184,10 +184,10 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
     return smem_desc(sV + s * Tr::kKVBytes + kk * 16 * 128, Tr::kKVSlabBytes, 1024);
   };
 
-  constexpr int kTiles = Tr::kTilesPerStep, kStepK = Tr::kStepK, kBlockKHalf = Tr::kBlockK;
+  constexpr int kTiles = Tr::kTilesPerStep, kStepK = Tr::kStepK;
   float o[D / 2];             // O accumulator, 64 x D per warpgroup
   float sc[kStepK / 2];       // S (then P in float32), 64 x kStepK per warpgroup
-  float sh[kBlockKHalf / 2];  // the same for a half step (64 keys)
+  float sh[Tr::kBlockK / 2];  // the same for a half step (64 keys)
   uint32_t pf[kStepK / 4];    // P as A fragments: kStepK / 16 k-steps x 4 registers
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
                                        desc_v(s, kk) + ((2 * n * Tr::kKVSlabBytes) >> 4));
     wgmma_commit();
   };
-  // Mask (partial tiles only), online softmax of step u in place: sc becomes P (float32).
-  // Accumulator block j (8 columns) belongs to tile kTiles * u + j / 8.
+  // Mask (partial tiles only), online softmax of step u in place: x (sc or sh) becomes P
+  // (float32). Accumulator block j (8 columns) belongs to tile kTiles * u + j / 8.
   // The running max moves lazily (update_row_max): most steps skip the O rescale. Returns
   // whether O must be rescaled by alpha (warp-uniform).
   auto softmax = [&](auto& x, int u, float (&alpha)[2]) -> bool {
