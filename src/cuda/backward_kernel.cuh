@@ -21,9 +21,6 @@ __device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem, bool 
                "r"(bytes));
 }
 
-// ---- 1. per-row preparation ----------------------------------------------------------------------
-// One warp per (b, hq, i) row: delta (float32) and lse * log2(e) (+inf when lse = -inf, so the
-// row's probabilities come out 0 and its gradients vanish). Workspace is (B, Hq, Nq) contiguous.
 // x = A1 B1^T and y = A2 B2^T for this warp's 16 rows of A1, A2 (shared-memory tiles with D
 // columns) against 64 rows of B1, B2: the paired products of both backward passes (S and dP, or
 // S^T and dP^T), issued together so each k-step's fragments are loaded once.
@@ -53,6 +50,9 @@ __device__ __forceinline__ void two_products_nt(float (&x)[8][4], float (&y)[8][
   }
 }
 
+// ---- 1. per-row preparation ----------------------------------------------------------------------
+// Per (b, hq, i) row: delta (float32) and lse * log2(e) (+inf when lse = -inf, so the row's
+// probabilities come out 0 and its gradients vanish). Workspace is (B, Hq, Nq) contiguous.
 // One group of D / 8 lanes per query row, each lane one 16-byte vector of out and of dout, so
 // every load is a full vector and a warp keeps 1-4 rows in flight.
 template <int D>

@@ -390,10 +390,9 @@ INSTANTIATE_TEST_SUITE_P(ShapesSm80, CudaAttentionSm80, ::testing::ValuesIn(sm80
 
 // The sm_90a forward against the mma.sync forward on one large sparse problem and one dense
 // causal one: many tiles per CTA (the TMA ring wraps many times), both heads layouts.
-// Variants 2 (5% plan) and 3 (D = 64, dense causal sliding window) have several items (128-row
-// query tiles) per SM, so the persistent forward carries its pipeline across item boundaries;
-// the 5% plan leaves some query tiles with no key tile at all (rows written as zeros between
-// items that have work).
+// Variants 2 (5% plan) and 3 (D = 64, dense causal sliding window) have several 128-row query
+// tiles per SM, run by CTAs in turn; the 5% plan leaves some query tiles with no key tile at
+// all (rows written as zeros between tiles that have work).
 TEST(CudaAttentionPaths, Sm90MatchesSm80OnLongSequences) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   for (int variant = 0; variant < 4; ++variant) {
