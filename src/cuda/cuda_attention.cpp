@@ -154,9 +154,11 @@ Sm90Backward sm90_backward(DType dtype, int64_t dim) {
 using BackwardPath = KernelPath;
 BackwardPath backward_path() { return kernel_path("SPATTN_CUDA_BACKWARD"); }
 
-// Runs `hopper` when given and the path allows, else (or when it declines) `fallback`.
+// Runs `hopper` when given and the path allows, else (or when it declines) `fallback`, a
+// Launcher or a callable of the same signature.
+template <class Fallback>
 void launch_pass(const char* where, const char* what, BackwardPath path, Launcher hopper,
-                 Launcher fallback, const AttnParams& a, cudaStream_t stream) {
+                 const Fallback& fallback, const AttnParams& a, cudaStream_t stream) {
   if (hopper != nullptr && path != ForwardPath::sm80) {
     const cudaError_t e = hopper(a, stream);
     if (e != cudaErrorNotSupported || path == ForwardPath::sm90) {
@@ -279,8 +281,13 @@ void backward(const detail::AttentionProblem& p, const TensorRef& q, const Tenso
   const Sm90Backward hopper = hopper_ok ? sm90_backward(p.dtype, p.dim_qk) : Sm90Backward{};
   const bool dkdv_ok = sm90::dkdv_shape(a) != sm90::DkdvShape::none;
   if (p.q_len > 0 && p.heads_q > 0) {
-    check(kern.prepare(a, stream), where, "backward preparation kernel launch");
-    launch_pass(where, "dq kernel launch", path, hopper.dq, kern.dq, a, stream);
+    // The sm_90a dq pass computes delta and lse2 itself; the mma.sync one reads them from the
+    // preparation kernel.
+    const auto prepare_then_dq = [&](const AttnParams& pa, cudaStream_t st) {
+      const cudaError_t e = kern.prepare(pa, st);
+      return e != cudaSuccess ? e : kern.dq(pa, st);
+    };
+    launch_pass(where, "dq kernel launch", path, hopper.dq, prepare_then_dq, a, stream);
   }
   if (p.k_len > 0)
     launch_pass(where, "dk/dv kernel launch", path, dkdv_ok ? hopper.dkdv : nullptr, kern.dkdv,

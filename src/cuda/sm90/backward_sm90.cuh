@@ -1,17 +1,19 @@
 // Block-sparse attention backward for Hopper (sm_90a): wgmma + TMA, deterministic.
 //
-// Same three passes as the mma.sync backward (backward_kernel.cuh), with the matrix products
-// of the two heavy passes on wgmma:
-//   1. backward_prepare_kernel (shared with the mma.sync path): delta and lse in log2 units.
-//   2. attention_dq_sm90_kernel: one CTA per (128 query rows, query head, batch), walking the
-//      forward plan row like the forward. Per 64-key tile, consumer c (64 rows):
+// The passes of the mma.sync backward (backward_kernel.cuh), with the matrix products on wgmma;
+// its first pass (backward_prepare_kernel: delta and lse in log2 units) is folded into the dq
+// pass, which has the dO tile in shared memory anyway:
+//   1. attention_dq_sm90_kernel: one CTA per (128 query rows, query head, batch), walking the
+//      forward plan row like the forward. It first computes delta = rowsum(dO * O) and lse2
+//      of its rows and writes them to the workspace for pass 2. Per 64-key tile, consumer c
+//      (64 rows):
 //        S  = Q K^T    wgmma m64n64k16, A = Q, B = K (K-major), shared memory
 //        dP = dO V^T   wgmma m64n64k16, A = dO, B = V (K-major), shared memory
 //        dS = P * (dP - delta), P = exp2(S * scale * log2e - lse2), in registers
 //        dQ += dS K    wgmma m64n{D}k16, A = dS from registers, B = K (N-major)
 //      S and dP of tile t+1 are issued before dQ of tile t, and dS of t+1 is computed while
 //      dQ of t still runs.
-//   3. attention_dkdv_sm90_kernel: one CTA per (64 or 128 keys, kv head, batch), walking the
+//   2. attention_dkdv_sm90_kernel: one CTA per (64 or 128 keys, kv head, batch), walking the
 //      transposed plan over the query heads of the GQA group in query steps (see "dk, dv"
 //      below for the two CTA shapes); per step, each consumer:
 //        S^T  = K Q^T    wgmma m64n64k16, A = K, B = Q (K-major)
@@ -165,13 +167,27 @@ __global__ void __launch_bounds__(DqSm90Traits<D>::kThreads, 1)
     const int g = lane >> 2, tq = lane & 3;
     const int row0 = q0 + 64 * c + 16 * warp + g;  // this thread's rows: row0, row0 + 8
 
+    // This pass also does the preparation kernel's work for the dk/dv pass: lse in log2 units
+    // and delta = rowsum(dO * O) of this thread's two rows. O comes from global memory, its
+    // loads in flight while the producer's Q/dO copies land; dO from the shared tile. Each of
+    // a row's four threads takes every fourth 16-byte chunk of it.
+    constexpr int kMyChunks = D / 8 / 4;
     float lse2[2], delta[2];
+    uint4 o_chunk[2][kMyChunks];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int i = row0 + 8 * r;
-      const int64_t w = (int64_t(b) * p.heads_q + hq) * p.q_len + i;
-      lse2[r] = i < p.q_len ? p.lse2[w] : INFINITY;  // +inf: P = 0 for rows past the end
-      delta[r] = i < p.q_len ? p.delta[w] : 0.f;
+      const T* orow = row_ptr<T>(p.out, p.o_stride, b, hq) + int64_t(i) * p.o_stride[2];
+#pragma unroll
+      for (int m = 0; m < kMyChunks; ++m)
+        o_chunk[r][m] = i < p.q_len ? *reinterpret_cast<const uint4*>(orow + 8 * (tq + 4 * m))
+                                    : make_uint4(0u, 0u, 0u, 0u);
+      // +inf for rows past the end and rows with no key (lse = -inf): P = 0 there.
+      const float lse = i < p.q_len ? p.lse[int64_t(b) * p.lse_stride[0] +
+                                            int64_t(hq) * p.lse_stride[1] +
+                                            int64_t(i) * p.lse_stride[2]]
+                                    : -INFINITY;
+      lse2[r] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
     }
 
     float dq[D / 2];   // 64 x D per warpgroup
@@ -235,6 +251,32 @@ __global__ void __launch_bounds__(DqSm90Traits<D>::kThreads, 1)
     // register written while a wgmma reading registers is in flight makes the compiler
     // serialise the products), and nothing is in flight across the loop's back edge.
     mbar_wait(qd_full, 0);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 64 * c + 16 * warp + g + 8 * r;  // in the CTA's tile
+      float sum = 0.f;
+#pragma unroll
+      for (int m = 0; m < kMyChunks; ++m) {
+        const uint4 d = ld_shared_v4(swizzled_chunk(sDO, Tr::kQSlabBytes, row, tq + 4 * m));
+        const uint32_t dw[4] = {d.x, d.y, d.z, d.w};
+        const uint32_t ow[4] = {o_chunk[r][m].x, o_chunk[r][m].y, o_chunk[r][m].z,
+                                o_chunk[r][m].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 x = Elem<T>::unpack(ow[e]), y = Elem<T>::unpack(dw[e]);
+          sum += x.x * y.x + x.y * y.y;
+        }
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int i = row0 + 8 * r;
+      delta[r] = i < p.q_len ? sum : 0.f;
+      if (tq == 0 && i < p.q_len) {
+        const int64_t w = (int64_t(b) * p.heads_q + hq) * p.q_len + i;
+        p.delta[w] = sum;
+        p.lse2[w] = lse2[r];
+      }
+    }
     // Warp-uniform through a lane-0 shuffle, so that the loop state and the descriptors derived
     // from it live in uniform registers (as in the forward).
     const int count = __shfl_sync(0xffffffffu, walk.count, 0);

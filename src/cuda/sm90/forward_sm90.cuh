@@ -65,18 +65,6 @@ struct TensorMaps {
   CUtensorMap q, k, v;
 };
 
-__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-
 // The keys of a forward step whose score registers are the array X (sc, or sh for a half
 // step): one wgmma accumulator holds two columns per thread.
 template <class X>
@@ -382,8 +370,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int R = 64 * c + 16 * warp + g + 8 * r;  // row in the CTA tile
-      const uint32_t addr = sQ + (j / 8) * Tr::kQSlabBytes + R * 128 +
-                            (((j % 8) ^ (R & 7)) << 4) + tq * 4;
+      const uint32_t addr = swizzled_chunk(sQ, Tr::kQSlabBytes, R, j) + tq * 4;
       st_shared_u32(addr, Elem<T>::pack(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]));
     }
   warpgroup_sync(1 + c);
@@ -396,8 +383,7 @@ __global__ void __launch_bounds__(ForwardSm90Traits<D>::kThreads, 1)
     const int R = 64 * c + r;
     const int i = q0 + R;
     if (i < p.q_len) {
-      const uint4 v = ld_shared_v4(sQ + (ch / 8) * Tr::kQSlabBytes + R * 128 +
-                                   (((ch % 8) ^ (R & 7)) << 4));
+      const uint4 v = ld_shared_v4(swizzled_chunk(sQ, Tr::kQSlabBytes, R, ch));
       *reinterpret_cast<uint4*>(ob + int64_t(i) * p.o_stride[2] + ch * 8) = v;
     }
   }

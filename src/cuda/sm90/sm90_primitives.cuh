@@ -71,6 +71,26 @@ __device__ __forceinline__ void warpgroup_sync(int id) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
 }
 
+// ---- shared memory ------------------------------------------------------------------------------
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+// Address of 16-byte chunk `chunk` (8 elements) of row `row` in a tile that TMA wrote with the
+// 128-byte swizzle (see smem_desc): 64-column slabs `slab_bytes` apart, 128-byte rows, chunk c
+// of row r stored at chunk c ^ (r % 8).
+__device__ __forceinline__ uint32_t swizzled_chunk(uint32_t tile, int slab_bytes, int row,
+                                                   int chunk) {
+  return tile + (chunk / 8) * slab_bytes + row * 128 + (((chunk % 8) ^ (row & 7)) << 4);
+}
+
 // ---- wgmma ------------------------------------------------------------------------------------------
 // Shared-memory matrix descriptor for a 128-byte-swizzled operand (the layout TMA writes with
 // CU_TENSOR_MAP_SWIZZLE_128B): rows of 64 16-bit elements (128 B), 16-byte chunk c of row r stored
