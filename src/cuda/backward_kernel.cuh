@@ -51,8 +51,7 @@ __device__ __forceinline__ void two_products_nt(float (&x)[8][4], float (&y)[8][
 }
 
 // ---- 1. per-row preparation ----------------------------------------------------------------------
-// Per (b, hq, i) row: delta (float32) and lse * log2(e) (+inf when lse = -inf, so the row's
-// probabilities come out 0 and its gradients vanish). Workspace is (B, Hq, Nq) contiguous.
+// Per (b, hq, i) row: delta (float32) and lse2 (lse_log2). Workspace is (B, Hq, Nq) contiguous.
 // One group of D / 8 lanes per query row, each lane one 16-byte vector of out and of dout, so
 // every load is a full vector and a warp keeps 1-4 rows in flight.
 template <int D>
@@ -83,21 +82,14 @@ __global__ void backward_prepare_kernel(const __grid_constant__ AttnParams p) {
                                                     int64_t(i) * p.o_stride[2] + c);
     const uint4 d = *reinterpret_cast<const uint4*>(row_ptr<T>(p.dout, p.do_stride, b, hq) +
                                                     int64_t(i) * p.do_stride[2] + c);
-    const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, dw[4] = {d.x, d.y, d.z, d.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 a = Elem<T>::unpack(ow[k]), e = Elem<T>::unpack(dw[k]);
-      sum += a.x * e.x + a.y * e.y;
-    }
+    sum = dot_chunk<T>(o, d);
   }
   // Reduce over the row's lanes (aligned groups of kLanesPerRow; every lane takes part).
 #pragma unroll
   for (int m = Tr::kLanesPerRow / 2; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
   if (live && c == 0) {
-    const float lse = p.lse[int64_t(b) * p.lse_stride[0] + int64_t(hq) * p.lse_stride[1] +
-                            int64_t(i) * p.lse_stride[2]];
     p.delta[r] = sum;
-    p.lse2[r] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
+    p.lse2[r] = lse_log2(p, b, hq, i);
   }
 }
 

@@ -282,4 +282,25 @@ __device__ __forceinline__ T* row_ptr_mut(void* base, const int64_t* stride, int
   return static_cast<T*>(base) + int64_t(b) * stride[0] + int64_t(h) * stride[1];
 }
 
+// ---- backward row statistics (the preparation kernel and the Hopper dq pass) ---------------------
+// Sum of the products of two 16-byte vectors of 8 elements: one chunk of delta = rowsum(dO * O).
+template <class T>
+__device__ __forceinline__ float dot_chunk(uint4 a, uint4 b) {
+  const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 x = Elem<T>::unpack(aw[k]), y = Elem<T>::unpack(bw[k]);
+    sum += x.x * y.x + x.y * y.y;
+  }
+  return sum;
+}
+// lse of query row i of (b, hq) in log2 units; +inf for a row with no key (lse = -inf), so its
+// probabilities come out 0 and its gradients vanish.
+__device__ __forceinline__ float lse_log2(const AttnParams& p, int b, int hq, int i) {
+  const float lse = p.lse[int64_t(b) * p.lse_stride[0] + int64_t(hq) * p.lse_stride[1] +
+                          int64_t(i) * p.lse_stride[2]];
+  return lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
+}
+
 }  // namespace spattn::cuda

@@ -182,12 +182,7 @@ __global__ void __launch_bounds__(DqSm90Traits<D>::kThreads, 1)
       for (int m = 0; m < kMyChunks; ++m)
         o_chunk[r][m] = i < p.q_len ? *reinterpret_cast<const uint4*>(orow + 8 * (tq + 4 * m))
                                     : make_uint4(0u, 0u, 0u, 0u);
-      // +inf for rows past the end and rows with no key (lse = -inf): P = 0 there.
-      const float lse = i < p.q_len ? p.lse[int64_t(b) * p.lse_stride[0] +
-                                            int64_t(hq) * p.lse_stride[1] +
-                                            int64_t(i) * p.lse_stride[2]]
-                                    : -INFINITY;
-      lse2[r] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
+      lse2[r] = i < p.q_len ? lse_log2(p, b, hq, i) : INFINITY;  // +inf: P = 0 past the end
     }
 
     float dq[D / 2];   // 64 x D per warpgroup
@@ -256,17 +251,9 @@ __global__ void __launch_bounds__(DqSm90Traits<D>::kThreads, 1)
       const int row = 64 * c + 16 * warp + g + 8 * r;  // in the CTA's tile
       float sum = 0.f;
 #pragma unroll
-      for (int m = 0; m < kMyChunks; ++m) {
-        const uint4 d = ld_shared_v4(swizzled_chunk(sDO, Tr::kQSlabBytes, row, tq + 4 * m));
-        const uint32_t dw[4] = {d.x, d.y, d.z, d.w};
-        const uint32_t ow[4] = {o_chunk[r][m].x, o_chunk[r][m].y, o_chunk[r][m].z,
-                                o_chunk[r][m].w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 x = Elem<T>::unpack(ow[e]), y = Elem<T>::unpack(dw[e]);
-          sum += x.x * y.x + x.y * y.y;
-        }
-      }
+      for (int m = 0; m < kMyChunks; ++m)
+        sum += dot_chunk<T>(o_chunk[r][m],
+                            ld_shared_v4(swizzled_chunk(sDO, Tr::kQSlabBytes, row, tq + 4 * m)));
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const int i = row0 + 8 * r;
